@@ -1,0 +1,1 @@
+"""diloco_jax: DiLoCo and Streaming DiLoCo in JAX/Flax."""

@@ -1,0 +1,59 @@
+"""The outer loop: OuterOpt on the outer gradient Δ, and the α-merge of Streaming DiLoCo.
+
+Δ = mean_m(θ_g − θ_m) ("old minus new") is treated as a gradient: the outer optimizer subtracts
+it. Any optax transform works; the default is Nesterov SGD, which matches PyTorch's
+`SGD(nesterov=True)`: v ← μ·v + Δ; θ_g ← θ_g − η·(Δ + μ·v) (SPEC §1).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+PyTree = Any
+
+OUTER_OPTIMIZERS = ("nesterov", "sgd", "adam")
+
+
+def outer_optimizer(name: str = "nesterov", learning_rate: float = 0.7,
+                    momentum: float = 0.9) -> optax.GradientTransformation:
+  """DiLoCo used η=0.7, μ=0.9; Streaming DiLoCo η=0.4. `sgd` with momentum 0 and lr 1 is FedAvg."""
+  if name == "nesterov":
+    return optax.sgd(learning_rate, momentum=momentum or None, nesterov=bool(momentum))
+  if name == "sgd":
+    return optax.sgd(learning_rate, momentum=momentum or None)
+  if name == "adam":
+    return optax.adam(learning_rate)
+  raise ValueError(f"diloco.outer_optimizer must be one of {OUTER_OPTIMIZERS}, got {name!r}")
+
+
+def outer_gradient(outer_leaves: list, local_leaves: list) -> list:
+  """Per-worker Δ_m = θ_g − θ_m in fp32; local leaves carry a leading [M] dimension."""
+  return [(g[None].astype(jnp.float32) - w.astype(jnp.float32)) for g, w in zip(outer_leaves, local_leaves)]
+
+
+def outer_update(opt: optax.GradientTransformation, outer_leaves: list, opt_state: PyTree,
+                 delta_leaves: list):
+  """θ_g ← OuterOpt(θ_g, Δ). Returns (new outer leaves, new outer optimizer state)."""
+  updates, opt_state = opt.update(delta_leaves, opt_state, outer_leaves)
+  return optax.apply_updates(outer_leaves, updates), opt_state
+
+
+def merge(local_leaves: list, outer_leaves: list, alpha: float) -> list:
+  """θ_m ← α·θ_m + (1 − α)·θ_g for every worker. α = 0 is DiLoCo's restart from the outer copy,
+  done as an exact broadcast so that it is bit-identical (no 0·θ_m term that could carry a NaN)."""
+  out = []
+  for w, g in zip(local_leaves, outer_leaves):
+    g = jnp.broadcast_to(g[None].astype(w.dtype), w.shape)
+    out.append(g if alpha == 0.0 else w if alpha == 1.0 else alpha * w + (1.0 - alpha) * g)
+  return out
+
+
+def cosine_similarity_matrix(delta_leaves: list) -> jax.Array:
+  """[M, M] cosine similarity between the workers' outer gradients (the paper tracks it)."""
+  flat = jnp.concatenate([d.reshape(d.shape[0], -1) for d in delta_leaves], axis=1)
+  norms = jnp.linalg.norm(flat, axis=1)
+  return (flat @ flat.T) / jnp.maximum(norms[:, None] * norms[None, :], 1e-30)
