@@ -314,8 +314,10 @@ class DataParallel:
   def init(self, params: PyTree, rng: jax.Array | None = None) -> DPState:
     del rng
     self.numel = sum(x.size for x in jax.tree.leaves(params))
-    state = DPState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.opt.init(params))
-    return mesh_lib.replicate_tree(state, self.mesh)
+    # Built under jit so the state owns fresh buffers: the step donates them, and the caller's
+    # params must survive that.
+    build = lambda p: DPState(step=jnp.zeros((), jnp.int32), params=p, opt_state=self.opt.init(p))
+    return jax.jit(build, out_shardings=mesh_lib.replicated(self.mesh))(params)
 
   @functools.cached_property
   def _step(self):

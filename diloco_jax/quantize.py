@@ -78,6 +78,7 @@ per worker when stochastic).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import NamedTuple
 
@@ -136,6 +137,7 @@ class Encoded(NamedTuple):
 # ----------------------------------------------------------------------------- packing
 
 
+@jax.jit
 def pack_nibbles(codes: jax.Array) -> jax.Array:
   """Packs 4-bit codes two per byte along the last axis: [..., 2k] -> uint8 [..., k].
 
@@ -150,6 +152,7 @@ def pack_nibbles(codes: jax.Array) -> jax.Array:
   return pairs[..., 0] | (pairs[..., 1] << 4)
 
 
+@functools.partial(jax.jit, static_argnames="n")
 def unpack_nibbles(packed: jax.Array, n: int | None = None) -> jax.Array:
   """Inverse of `pack_nibbles`: uint8 [..., k] -> uint8 [..., 2k] codes in 0..15.
 
@@ -280,49 +283,12 @@ class Codec:
     """
     if self.stochastic and rng is None:
       raise ValueError(f"Codec({self.name!r}, stochastic=True).encode needs an rng key")
-    x = jnp.ravel(jnp.asarray(x)).astype(jnp.float32)
-    empty = jnp.zeros((0,), SCALE_DTYPE)
-    if self.name == "fp32":
-      return Encoded(x, empty)
-    if self.name == "bf16":
-      payload = _bf16_stochastic(x, rng) if self.stochastic else x.astype(jnp.bfloat16)
-      return Encoded(payload, empty)
-
-    fmt = _GRIDS[self.name]
-    n, b = x.shape[0], self.block_size
-    nb = self.num_blocks(n)
-    xb = jnp.pad(x, (0, nb * b - n)).reshape(nb, b)
-    amax = jnp.max(jnp.abs(xb), axis=1)
-    scales = (amax / fmt.max).astype(SCALE_DTYPE)
-    safe = jnp.where(scales > 0, scales, 1.0)[:, None]
-    # Division can land a hair above g_max for the block max; clip back onto the grid.
-    y = jnp.minimum(jnp.abs(xb) / safe, fmt.max)
-    u = jax.random.uniform(rng, y.shape, jnp.float32) if self.stochastic else None
-    q = _round(y, fmt, u)
-    neg = xb < 0
-    if self.name == "fp8_e4m3":
-      payload = jnp.where(neg & (q > 0), -q, q).astype(jnp.float8_e4m3fn).reshape(-1)  # exact cast
-    else:
-      codes = _code_of(q, fmt) | jnp.where(neg & (q > 0), jnp.uint8(8), jnp.uint8(0))
-      payload = pack_nibbles(codes.reshape(-1))
-    return Encoded(payload, scales)
+    return _encode(self, jnp.asarray(x), rng if self.stochastic else None)
 
   def decode(self, enc: Encoded, shape, dtype=jnp.float32) -> jax.Array:
     """Dequantizes `enc` back to an array of `shape` (padding dropped) and `dtype`."""
-    shape = tuple(shape) if not isinstance(shape, int) else (shape,)
-    n = math.prod(shape)
-    if self.name in ("fp32", "bf16"):
-      return enc.payload.astype(jnp.float32)[:n].reshape(shape).astype(dtype)
-    nb, b = enc.scales.shape[0], self.block_size
-    if self.name == "fp8_e4m3":
-      g = enc.payload.astype(jnp.float32)
-    else:
-      codes = unpack_nibbles(enc.payload)
-      table = jnp.asarray(_magnitude_table(_GRIDS[self.name]))
-      mag = table[(codes & 7).astype(jnp.int32)]
-      g = jnp.where(codes & 8, -mag, mag)
-    x = g.reshape(nb, b) * enc.scales.astype(jnp.float32)[:, None]
-    return x.reshape(-1)[:n].reshape(shape).astype(dtype)
+    shape = (shape,) if isinstance(shape, (int, np.integer)) else tuple(int(d) for d in shape)
+    return _decode(self, enc, shape, jnp.dtype(dtype))
 
   def roundtrip(self, x: jax.Array, rng: jax.Array | None = None) -> jax.Array:
     """decode(encode(x)) in x's shape and (floating) dtype; fp32 returns x itself."""
@@ -331,6 +297,58 @@ class Codec:
     x = jnp.asarray(x)
     dtype = x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else jnp.float32
     return self.decode(self.encode(x, rng), x.shape, dtype)
+
+
+# One compiled program per (codec, shape): fast when called eagerly, inlined when traced inside
+# a caller's jit or vmap.
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _encode(codec: Codec, x: jax.Array, rng: jax.Array | None) -> Encoded:
+  x = jnp.ravel(jnp.asarray(x)).astype(jnp.float32)
+  empty = jnp.zeros((0,), SCALE_DTYPE)
+  if codec.name == "fp32":
+    return Encoded(x, empty)
+  if codec.name == "bf16":
+    payload = _bf16_stochastic(x, rng) if codec.stochastic else x.astype(jnp.bfloat16)
+    return Encoded(payload, empty)
+
+  fmt = _GRIDS[codec.name]
+  n, b = x.shape[0], codec.block_size
+  nb = codec.num_blocks(n)
+  xb = jnp.pad(x, (0, nb * b - n)).reshape(nb, b)
+  amax = jnp.max(jnp.abs(xb), axis=1)
+  scales = (amax / fmt.max).astype(SCALE_DTYPE)
+  safe = jnp.where(scales > 0, scales, 1.0)[:, None]
+  # Division can land a hair above g_max for the block max; clip back onto the grid.
+  y = jnp.minimum(jnp.abs(xb) / safe, fmt.max)
+  u = jax.random.uniform(rng, y.shape, jnp.float32) if codec.stochastic else None
+  q = _round(y, fmt, u)
+  neg = xb < 0
+  if codec.name == "fp8_e4m3":
+    # q is on the e4m3fn grid, so this cast is exact (no second rounding).
+    payload = jnp.where(neg & (q > 0), -q, q).astype(jnp.float8_e4m3fn).reshape(-1)
+  else:
+    codes = _code_of(q, fmt) | jnp.where(neg & (q > 0), jnp.uint8(8), jnp.uint8(0))
+    payload = pack_nibbles(codes.reshape(-1))
+  return Encoded(payload, scales)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2, 3))
+def _decode(codec: Codec, enc: Encoded, shape: tuple[int, ...], dtype) -> jax.Array:
+  n = math.prod(shape)
+  if codec.name in ("fp32", "bf16"):
+    return enc.payload.astype(jnp.float32)[:n].reshape(shape).astype(dtype)
+  nb, b = enc.scales.shape[0], codec.block_size
+  if codec.name == "fp8_e4m3":
+    g = enc.payload.astype(jnp.float32)
+  else:
+    codes = unpack_nibbles(enc.payload)
+    table = jnp.asarray(_magnitude_table(_GRIDS[codec.name]))
+    mag = table[(codes & 7).astype(jnp.int32)]
+    g = jnp.where((codes & 8) != 0, -mag, mag)
+  x = g.reshape(nb, b) * enc.scales.astype(jnp.float32)[:, None]
+  return x.reshape(-1)[:n].reshape(shape).astype(dtype)
 
 
 def get_codec(name: str, block_size: int = 32, stochastic: bool = False) -> Codec:
