@@ -41,6 +41,12 @@ class Checkpointer:
         state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
     return out["state"], out["data"]
 
+  def restore_saved(self, step: int) -> tuple[Any, dict]:
+    """Restores the tree exactly as saved (host arrays), without a target: for inspection."""
+    out = self._manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(), data=ocp.args.JsonRestore()))
+    return out["state"], out["data"]
+
   def wait(self) -> None:
     self._manager.wait_until_finished()
 

@@ -23,9 +23,10 @@ class MetricsWriter:
   """One JSON object per logged step in metrics.jsonl (appended, so a resumed run continues the
   file) and the scalar values as TensorBoard events in WORKDIR/tb."""
 
-  def __init__(self, workdir: str, tensorboard: bool = True):
+  def __init__(self, workdir: str, resume_step: int = 0, tensorboard: bool = True):
     os.makedirs(workdir, exist_ok=True)
     self.path = os.path.join(workdir, "metrics.jsonl")
+    _truncate_after(self.path, resume_step)
     self._file = open(self.path, "a", encoding="utf-8")
     self._tb = None
     if tensorboard:
@@ -45,6 +46,19 @@ class MetricsWriter:
     self._file.close()
     if self._tb is not None:
       self._tb.close()
+
+
+def _truncate_after(path: str, step: int) -> None:
+  """Drops rows logged after `step` (steps an interrupted run did past its last checkpoint; the
+  resumed run logs them again)."""
+  if not os.path.exists(path):
+    return
+  with open(path, encoding="utf-8") as f:
+    rows = [line for line in f if line.strip()]
+  keep = [line for line in rows if json.loads(line)["step"] <= step]
+  if len(keep) != len(rows):
+    with open(path, "w", encoding="utf-8") as f:
+      f.writelines(keep)
 
 
 class Progress:

@@ -263,12 +263,15 @@ def _fetch(values: dict) -> dict:
 
 
 # ------------------------------------------------------------------------------------- run
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains (or resumes) as the config says; returns the summary (also WORKDIR/summary.json)."""
+def run(config: ml_collections.ConfigDict, workdir: str, stop_after: int | None = None) -> dict:
+  """Trains (or resumes) as the config says; returns the summary (also WORKDIR/summary.json).
+
+  `stop_after` ends the run after that step, as a preemption would (tests use it): checkpoints
+  saved so far are kept, no summary is written, and running again resumes.
+  """
   rc = validate(config)
   source = make_source(rc)
   eval_source = make_source(rc, "eval") if rc.source == "text" else source
-  needed = rc.M * rc.mesh_data * rc.mesh_model
   devices = jax.devices()
   if len(devices) < rc.mesh_data * rc.mesh_model:
     raise ConfigError(f"mesh.data * mesh.model = {rc.mesh_data * rc.mesh_model} exceeds the "
@@ -298,7 +301,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     state, data_state = ckpt.restore(start, state)
     train_it.set_state(data_state)
     print(f"resumed from step {start} in {workdir}", flush=True)
-  writer = metrics_lib.MetricsWriter(workdir)
+  writer = metrics_lib.MetricsWriter(workdir, resume_step=start)
   progress = metrics_lib.Progress(rc.num_steps, start)
   batch_sharding = mesh_lib.batch_sharding(mesh)
   tokens_per_step = rc.M * rc.batch_size * rc.seq_len
@@ -341,6 +344,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       pending = (t, m, host)
     if (rc.ckpt_every and t % rc.ckpt_every == 0) or final:
       ckpt.save(t, state, train_it.get_state())
+    if stop_after is not None and t >= stop_after and not final:
+      if pending is not None:
+        flush(pending)
+      for closeable in (ckpt, writer, train_it, eval_it):
+        closeable.close()
+      return {"stopped_at": t}
   if pending is not None:
     last_row = flush(pending)
   wall = time.perf_counter() - t_wall
@@ -367,7 +376,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   eval_it.close()
   with open(os.path.join(workdir, "summary.json"), "w", encoding="utf-8") as f:
     json.dump(summary, f, indent=2)
-  _ = needed
   return summary
 
 
