@@ -19,10 +19,11 @@ is that special case.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import struct
 from jax.sharding import Mesh
@@ -71,7 +72,8 @@ class StreamingDiLoCo:
     mesh: a (worker, data, model) mesh; default: all devices via mesh.make_mesh.
     fragments: a `fragments.Fragments` for the params, or a callable params -> Fragments;
       default: one fragment (DiLoCo).
-    overlap_steps: τ, inner steps between a fragment's send and its merge (0 ≤ τ < H).
+    overlap_steps: τ, inner steps between a fragment's send and its merge (0 ≤ τ < H); or one τ
+      per worker (heterogeneous slack: worker m merges τ_m steps after the send).
     merge_alpha: α, the weight of the local parameters in the merge (0: take the outer copy).
     codec: a `quantize.Codec` (or its name) for the outer gradients on the wire; default fp32.
     wire: "reference" (quantize → dequantize → fp32 mean) or "packed" (the packed low-bit
@@ -81,7 +83,7 @@ class StreamingDiLoCo:
 
   def __init__(self, loss_fn: LossFn, inner_opt: optax.GradientTransformation,
                outer_opt: optax.GradientTransformation, *, num_workers: int, inner_steps: int,
-               mesh: Mesh | None = None, fragments=None, overlap_steps: int = 0,
+               mesh: Mesh | None = None, fragments=None, overlap_steps: int | Sequence[int] = 0,
                merge_alpha: float = 0.0, codec: Codec | str = "fp32", wire: str = "reference",
                error_feedback: bool = False):
     if num_workers < 1:
@@ -92,12 +94,18 @@ class StreamingDiLoCo:
       raise ValueError(f"diloco.merge_alpha (α) must be in [0, 1], got {merge_alpha}")
     if wire not in collectives.WIRES:
       raise ValueError(f"diloco.wire must be one of {collectives.WIRES}, got {wire!r}")
+    taus = (overlap_steps,) * num_workers if isinstance(overlap_steps, int) else tuple(overlap_steps)
+    if len(taus) != num_workers or not all(isinstance(x, int) and 0 <= x < inner_steps
+                                           for x in taus):
+      raise ValueError(f"diloco.overlap_steps (τ) must be an integer, or one per worker "
+                       f"(M={num_workers}), each with 0 <= τ < H={inner_steps}; got {overlap_steps!r}")
     self.loss_fn = loss_fn
     self.inner_opt = inner_opt
     self.outer_opt = outer_opt
     self.M = num_workers
     self.H = inner_steps
-    self.tau = overlap_steps
+    self.taus = taus                 # τ_m per worker
+    self.tau_first = min(taus)       # the outer step happens at the first merge
     self.alpha = float(merge_alpha)
     self.codec = get_codec(codec) if isinstance(codec, str) else codec
     self.wire = wire
@@ -117,12 +125,12 @@ class StreamingDiLoCo:
       f = f(params)
     self.fragments = f
     self.fragment_numel = f.sizes(params)
-    self.schedule = fragments_lib.Schedule(H=self.H, P=f.num_fragments, tau=self.tau)
+    self.schedule = fragments_lib.Schedule(H=self.H, P=f.num_fragments, tau=max(self.taus))
 
   def init(self, params: PyTree, rng: jax.Array | None = None) -> DilocoState:
     """Every worker starts from the same `params`; θ_g = params; outer states per fragment."""
     self._bind(params)
-    rng = jax.random.key(0) if rng is None else rng
+    rng = jax.random.PRNGKey(0) if rng is None else rng
     f = self.fragments
 
     def build(params, rng):
@@ -130,38 +138,32 @@ class StreamingDiLoCo:
       local = jax.tree.map(stack, params)
       inner_state = jax.vmap(self.inner_opt.init)(local)
       outer_states = tuple(self.outer_opt.init(f.select(params, p)) for p in range(f.num_fragments))
-      inflight = () if self.tau == 0 else tuple(
+      inflight = () if self.tau_first == 0 else tuple(
           [jnp.zeros(x.shape, jnp.float32) for x in f.select(params, p)]
           for p in range(f.num_fragments))
       residual = tuple(jnp.zeros((self.M,) + x.shape, jnp.float32)
                        for x in jax.tree.leaves(params)) if self.error_feedback else ()
-      state = DilocoState(step=jnp.zeros((), jnp.int32), local_params=local,
-                          inner_opt_state=inner_state, outer_params=params,
-                          outer_opt_state=outer_states, inflight=inflight, residual=residual,
-                          rng=rng)
-      return self._constrain(state)
+      return DilocoState(
+          step=self._repl(jnp.zeros((), jnp.int32)), local_params=self._per_worker(local),
+          inner_opt_state=self._per_worker(inner_state), outer_params=self._repl(params),
+          outer_opt_state=self._repl(outer_states), inflight=self._repl(inflight),
+          residual=self._per_worker(residual), rng=self._repl(rng))
 
     return jax.jit(build)(params, rng)
 
-  def _constrain(self, state: DilocoState) -> DilocoState:
-    """Pins every field's sharding: per-worker fields over WORKER, the rest replicated. Applied
-    to every program's output so that the state's layout never changes (no recompiles)."""
-    per_worker = lambda t: jax.tree.map(
-        lambda x: jax.lax.with_sharding_constraint(
-            x, mesh_lib.worker_sharding(self.mesh, x.ndim - 1)), t)
-    repl = lambda t: jax.tree.map(
-        lambda x: jax.lax.with_sharding_constraint(x, mesh_lib.replicated(self.mesh)), t)
-    return state.replace(
-        step=repl(state.step), local_params=per_worker(state.local_params),
-        inner_opt_state=per_worker(state.inner_opt_state),  # vmapped: every leaf has [M]
-        outer_params=repl(state.outer_params), outer_opt_state=repl(state.outer_opt_state),
-        inflight=repl(state.inflight), residual=per_worker(state.residual), rng=repl(state.rng))
+  # Every program pins its outputs' shardings (per-worker leaves over WORKER, the rest
+  # replicated), so the state's layout never changes between programs: no recompiles.
+  def _per_worker(self, tree):
+    return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(
+        x, mesh_lib.worker_sharding(self.mesh, x.ndim - 1)), tree)
 
-  def state_shardings(self, state: DilocoState) -> DilocoState:
-    """The NamedSharding of every state field (for checkpoint restore and tests)."""
-    return jax.tree.map(lambda x: x.sharding, state)
+  def _repl(self, tree):
+    return jax.tree.map(
+        lambda x: jax.lax.with_sharding_constraint(x, mesh_lib.replicated(self.mesh)), tree)
 
   # ----------------------------------------------------------------------------- the programs
+  # Each program takes only what it reads, so a send in flight is not an input of the next inner
+  # step: the host dispatches it and goes on dispatching inner steps (DESIGN "Sync and overlap").
   @functools.cached_property
   def _inner_step(self):
     def one_worker(params, opt_state, batch):
@@ -171,94 +173,117 @@ class StreamingDiLoCo:
 
     all_workers = jax.vmap(one_worker, spmd_axis_name=mesh_lib.WORKER)
 
-    def step(state: DilocoState, batch_MxB):
-      local, opt_state, loss_M = all_workers(state.local_params, state.inner_opt_state, batch_MxB)
-      state = state.replace(step=state.step + 1, local_params=local, inner_opt_state=opt_state)
-      return self._constrain(state), {"loss": loss_M}
+    def step(t, local, opt_state, batch_MxB):
+      local, opt_state, loss_M = all_workers(local, opt_state, batch_MxB)
+      return self._repl(t + 1), self._per_worker(local), self._per_worker(opt_state), loss_M
 
-    return jax.jit(step, donate_argnums=0)
+    return jax.jit(step, donate_argnums=(0, 1, 2))
 
-  def _reduce(self, state: DilocoState, p: int):
-    """The send half: Δ_p = mean_m Q(θ_{g,p} − θ_{m,p} [+ residual]) in fp32, and diagnostics."""
-    f = self.fragments
-    delta = outer.outer_gradient(f.select(state.outer_params, p), f.select(state.local_params, p))
-    idx = f.leaf_indices(p)
-    rng, sub = jax.random.split(state.rng)
-    residual = state.residual
+  def _reduce(self, p: int, outer_p: list, local_p: list, residual_p: list, rng):
+    """The send: Δ_p = mean_m Q(θ_{g,p} − θ_{m,p} [+ residual]) in fp32, and diagnostics."""
+    delta = outer.outer_gradient(outer_p, local_p)
+    rng, sub = jax.random.split(rng)
     if self.error_feedback:
-      delta = [d + residual[i] for d, i in zip(delta, idx)]
-    mean, sent = collectives.worker_mean(delta, self.codec, self.mesh, wire=self.wire,
-                                         rng=sub if self.codec.stochastic else None)
+      delta = [d + r for d, r in zip(delta, residual_p)]
+    mean, sent, gram = collectives.worker_mean(delta, self.codec, self.mesh, wire=self.wire,
+                                               rng=sub if self.codec.stochastic else None)
     metrics = {f"outer_grad_norm/{p}": inner.global_norm(mean)}
-    if self.codec.name != "fp32" or self.error_feedback:
+    if self.codec.name != "fp32":
       metrics[f"quant_rel_error/{p}"] = collectives.relative_error(delta, sent)
     if self.error_feedback:
-      residual = list(residual)
-      for i, d, s in zip(idx, delta, sent):
-        residual[i] = d - s
-      residual = tuple(residual)
-    if self.M > 1:
-      cos = outer.cosine_similarity_matrix(delta)
-      off = (jnp.sum(cos) - jnp.trace(cos)) / (self.M * (self.M - 1))
-      metrics[f"outer_grad_cosine/{p}"] = off
-    return mean, state.replace(rng=rng, residual=residual), metrics
+      residual_p = [d - s for d, s in zip(delta, sent)]
+    if self.M > 1:   # mean pairwise cosine of the outer gradients as sent
+      metrics[f"outer_grad_cosine/{p}"] = outer.mean_pairwise_cosine(gram)
+    return self._repl(mean), self._per_worker(residual_p), self._repl(rng), metrics
 
-  def _apply(self, state: DilocoState, p: int, mean: list) -> DilocoState:
-    """The receive half: θ_{g,p} ← OuterOpt_p(θ_{g,p}, Δ_p); θ_{m,p} ← α·θ_{m,p} + (1−α)·θ_{g,p}."""
-    f = self.fragments
-    g, opt_p = outer.outer_update(self.outer_opt, f.select(state.outer_params, p),
-                                  state.outer_opt_state[p], mean)
-    local = outer.merge(f.select(state.local_params, p), g, self.alpha)
-    opt_states = tuple(opt_p if q == p else s for q, s in enumerate(state.outer_opt_state))
-    return state.replace(outer_params=f.merge_into(state.outer_params, p, g),
-                         local_params=f.merge_into(state.local_params, p, local),
-                         outer_opt_state=opt_states)
+  def _merge_workers(self, local_p: list, outer_p: list, d: int) -> list:
+    """θ_{m,p} ← α·θ_{m,p} + (1−α)·θ_{g,p} for the workers with τ_m = d; the others keep theirs."""
+    merged = outer.merge(local_p, outer_p, self.alpha)
+    mask = np.array([tau == d for tau in self.taus])
+    if mask.all():
+      return self._per_worker(merged)
+    pick = lambda m, w: jnp.where(mask.reshape((-1,) + (1,) * (w.ndim - 1)), m, w)
+    return self._per_worker([pick(m, w) for m, w in zip(merged, local_p)])
+
+  def _outer_step(self, outer_p, opt_p, mean):
+    g, opt_p = outer.outer_update(self.outer_opt, outer_p, opt_p, mean)
+    return self._repl(g), self._repl(opt_p)
 
   @functools.cached_property
   def _sync(self):
-    """τ = 0: send and receive of fragment p as one program (per p, compiled once each)."""
-    def sync(p, state):
-      mean, state, metrics = self._reduce(state, p)
-      return self._constrain(self._apply(state, p, mean)), metrics
-    return [jax.jit(functools.partial(sync, p), donate_argnums=0)
+    """min τ = 0: send, outer step and the τ=0 workers' merge of fragment p as one program."""
+    def sync(p, outer_p, local_p, opt_p, residual_p, rng):
+      mean, residual_p, rng, metrics = self._reduce(p, outer_p, local_p, residual_p, rng)
+      g, opt_p = self._outer_step(outer_p, opt_p, mean)
+      return g, self._merge_workers(local_p, g, 0), opt_p, residual_p, rng, metrics
+    return [jax.jit(functools.partial(sync, p), donate_argnums=(0, 1, 2, 3))
             for p in range(self.fragments.num_fragments)]
 
   @functools.cached_property
   def _send(self):
-    def send(p, state):
-      mean, state, metrics = self._reduce(state, p)
-      inflight = tuple(mean if q == p else x for q, x in enumerate(state.inflight))
-      return self._constrain(state.replace(inflight=inflight)), metrics
-    return [jax.jit(functools.partial(send, p), donate_argnums=0)
+    return [jax.jit(functools.partial(self._reduce, p), donate_argnums=(2,))
             for p in range(self.fragments.num_fragments)]
 
   @functools.cached_property
-  def _receive(self):
-    def receive(p, state):
-      return self._constrain(self._apply(state, p, state.inflight[p]))
-    return [jax.jit(functools.partial(receive, p), donate_argnums=0)
-            for p in range(self.fragments.num_fragments)]
+  def _receive_first(self):
+    """At t_send + min τ: the outer step on the in-flight mean, and those workers' merge."""
+    def receive(outer_p, local_p, opt_p, mean):
+      g, opt_p = self._outer_step(outer_p, opt_p, mean)
+      return g, self._merge_workers(local_p, g, self.tau_first), opt_p
+    # The mean is not donated: it stays in state.inflight (a checkpoint may save it) until the
+    # fragment's next send overwrites it.
+    return jax.jit(receive, donate_argnums=(0, 1, 2))
+
+  @functools.cached_property
+  def _receive_late(self):
+    """At t_send + τ_m > min τ (heterogeneous slack): worker m merges the already-updated θ_g."""
+    return {d: jax.jit(functools.partial(lambda d, local_p, g: self._merge_workers(local_p, g, d), d),
+                       donate_argnums=(0,))
+            for d in sorted(set(self.taus)) if d != self.tau_first}
 
   # ------------------------------------------------------------------------------- host loop
   def step(self, state: DilocoState, batch_MxB: jax.Array, t: int):
-    """Inner step t (1-based) for all workers, then the syncs the static schedule puts at t.
+    """Inner step t (1-based) for all workers, then what the static schedule puts at t: merges
+    of fragments sent at t − τ_m, then this step's send. Nothing here waits on a device value.
 
     Returns (state, metrics); metrics are device values (fetch them late to avoid a host sync).
     """
     if self.schedule is None:
       raise RuntimeError("call init(params) before step()")
-    state, metrics = self._inner_step(state, batch_MxB)
-    if self.tau == 0:
-      for p in self.schedule.sends(t):
-        state, m = self._sync[p](state)
-        metrics.update(m)
-      return state, metrics
-    # Receives first: a fragment sent at t − τ merges after step t; then this step's sends.
-    # (τ ≥ 1, so a fragment never sends and receives at the same t.)
-    for p in self.schedule.receives(t):
-      state = self._receive[p](state)
-    for p in self.schedule.sends(t):
-      state, m = self._send[p](state)
+    f = self.fragments
+    step, local, inner_state, loss = self._inner_step(state.step, state.local_params,
+                                                      state.inner_opt_state, batch_MxB)
+    state = state.replace(step=step, local_params=local, inner_opt_state=inner_state)
+    metrics = {"loss": loss}
+    for d in sorted(set(self.taus)):   # receives, τ ≥ 1 (a fragment sent at t − d)
+      if d == 0 or t - d < 1:
+        continue
+      for p in self.schedule.sends(t - d):
+        local_p = f.select(state.local_params, p)
+        if d == self.tau_first:
+          g, local_p, opt_p = self._receive_first(
+              f.select(state.outer_params, p), local_p, state.outer_opt_state[p],
+              state.inflight[p])
+          state = state.replace(outer_params=f.merge_into(state.outer_params, p, g),
+                                outer_opt_state=_replace_at(state.outer_opt_state, p, opt_p))
+        else:
+          local_p = self._receive_late[d](local_p, f.select(state.outer_params, p))
+        state = state.replace(local_params=f.merge_into(state.local_params, p, local_p))
+    for p in self.schedule.sends(t):   # sends
+      outer_p, local_p = f.select(state.outer_params, p), f.select(state.local_params, p)
+      residual_p = [state.residual[i] for i in f.leaf_indices(p)] if self.error_feedback else []
+      if self.tau_first == 0:
+        g, local_p, opt_p, residual_p, rng, m = self._sync[p](
+            outer_p, local_p, state.outer_opt_state[p], residual_p, state.rng)
+        state = state.replace(outer_params=f.merge_into(state.outer_params, p, g),
+                              local_params=f.merge_into(state.local_params, p, local_p),
+                              outer_opt_state=_replace_at(state.outer_opt_state, p, opt_p))
+      else:
+        mean, residual_p, rng, m = self._send[p](outer_p, local_p, residual_p, state.rng)
+        state = state.replace(inflight=_replace_at(state.inflight, p, mean))
+      if self.error_feedback:
+        state = state.replace(residual=_scatter(state.residual, f.leaf_indices(p), residual_p))
+      state = state.replace(rng=rng)
       metrics.update(m)
     return state, metrics
 
@@ -279,6 +304,17 @@ class StreamingDiLoCo:
     if which == "worker0":
       return jax.tree.map(lambda x: x[0], state.local_params)
     raise ValueError(f"eval.params must be 'outer', 'worker_mean' or 'worker0', got {which!r}")
+
+
+def _replace_at(items: tuple, i: int, value) -> tuple:
+  return tuple(value if j == i else x for j, x in enumerate(items))
+
+
+def _scatter(items: tuple, indices, values) -> tuple:
+  out = list(items)
+  for i, v in zip(indices, values):
+    out[i] = v
+  return tuple(out)
 
 
 def DiLoCo(loss_fn: LossFn, inner_opt, outer_opt, *, num_workers: int, inner_steps: int,

@@ -8,11 +8,14 @@ behind one signature:
   WORKER-sharded array to an fp32 all-reduce). The numerics reference; what moves is fp32.
 * ``packed``: a `shard_map` over WORKER in which each worker encodes its Δ_m, the packed payload
   (two 4-bit codes per byte, plus the per-block fp32 scales) is all-gathered over WORKER, and every
-  worker decodes all M payloads and sums them in fp32. Same numbers as ``reference``; what crosses
-  the worker axis is the low-bit dtype.
+  worker decodes all M payloads and sums them in fp32. What crosses the worker axis is the low-bit
+  dtype. The same numbers as ``reference``, except that where a decoded value code × scale is not
+  exact in fp32 (fp8, E2M1), XLA may fuse that multiply into the sum as an FMA in one program and
+  not in the other: the means then differ by at most one ulp (tested). E3M0 and bf16 decode
+  exactly and agree bit for bit.
 
 Bits sent per worker (the convention, also in docs/design.md): an fp32 codec is a ring all-reduce,
-2(M−1)/M · n · 32 bits; a quantized codec is the all-gather of the packed payload, (M−1) · wire_bits(n)
+2(M−1)/M · n · 32 bits; a quantized codec is the all-gather of the packed payload, (M−1) · payload_bits(n)
 (every worker forwards the M−1 payloads it does not own around the ring). For M = 2 both equal
 one payload. A reduce-scatter variant (2(M−1)/M) would send less for M > 2 but must re-quantize the
 mean, which changes the numerics; we keep the exact fp32 mean.
@@ -40,7 +43,9 @@ def bits_per_worker(n: int, codec: Codec, num_workers: int, wire: str = "referen
   del wire  # both wires model the same algorithm; see the module docstring.
   if codec.name == "fp32":
     return ring_allreduce_bits(n, 32, num_workers)
-  return (num_workers - 1) * codec.wire_bits(n)
+  # payload_bits counts the arrays encode really returns (padding to whole blocks included),
+  # so this equals what the packed all-gather moves; SPEC's n·bits + (n/B)·32 when B divides n.
+  return (num_workers - 1) * codec.payload_bits(n)
 
 
 def _flatten(leaves: list) -> jax.Array:
@@ -52,7 +57,7 @@ def _unflatten(flat_Mxn: jax.Array, like: list) -> list:
   out, start = [], 0
   for x in like:
     size = x[0].size
-    out.append(flat_Mxn[:, start:start + size].reshape(x.shape))
+    out.append(flat_Mxn[:, start:start + size].reshape((flat_Mxn.shape[0],) + x.shape[1:]))
     start += size
   return out
 
@@ -70,25 +75,26 @@ def worker_mean(delta_leaves: list, codec: Codec, mesh: Mesh, *, wire: str = "re
 
   Args:
     delta_leaves: list of fp32 [M, ...] arrays (one fragment's outer gradients, per worker).
-    codec: the quantizer; fp32 sends the values unchanged.
+    codec: the quantizer; fp32 is the identity and sends the values unchanged.
     mesh: the mesh whose WORKER axis carries the workers.
     wire: "reference" or "packed" (module docstring).
     rng: a key for stochastic rounding (one sub-key per worker), or None.
   Returns:
-    (mean leaves without the worker dim, the dequantized values each worker sent [M, ...]).
+    (mean leaves without the worker dim, the values each worker sent [M, ...] after
+    quantization, the [M, M] Gram matrix ⟨Q(Δ_m), Q(Δ_k)⟩ of what was sent). The Gram matrix
+    costs no extra traffic on the packed wire: every worker has decoded all M payloads.
   """
-  if codec.name == "fp32":
-    return [jnp.mean(d, axis=0) for d in delta_leaves], delta_leaves
   flat = _flatten(delta_leaves)
   if wire == "reference":
     sent = _roundtrip_per_worker(codec, flat, rng)
     mean = jnp.mean(sent, axis=0, keepdims=True)
+    gram = sent @ sent.T
   elif wire == "packed":
-    sent, mean = _packed_gather_mean(codec, flat, mesh, rng)
+    sent, mean, gram = _packed_gather_mean(codec, flat, mesh, rng)
   else:
     raise ValueError(f"diloco.wire must be one of {WIRES}, got {wire!r}")
   mean = _unflatten(mean, delta_leaves)
-  return [m[0] for m in mean], _unflatten(sent, delta_leaves)
+  return [m[0] for m in mean], _unflatten(sent, delta_leaves), gram
 
 
 def _packed_gather_mean(codec: Codec, flat_Mxn: jax.Array, mesh: Mesh, rng):
@@ -98,17 +104,17 @@ def _packed_gather_mean(codec: Codec, flat_Mxn: jax.Array, mesh: Mesh, rng):
 
   def per_shard(x_mxn, keys_m):
     enc = jax.vmap(codec.encode)(x_mxn) if keys_m is None else jax.vmap(codec.encode)(x_mxn, keys_m)
-    # What crosses the worker axis: the packed payload and the scales, nothing in fp32 but scales.
+    # What crosses the worker axis: the packed payload and the per-block scales, nothing else.
     gathered = jax.tree.map(
         lambda a: jax.lax.all_gather(a, mesh_lib.WORKER, axis=0, tiled=True), enc)
-    decode = lambda e: codec.decode(e, (n,))
-    all_Mxn = jax.vmap(decode)(gathered)
-    mine = jax.vmap(decode)(enc)
-    return mine, jnp.mean(all_Mxn, axis=0, keepdims=True)
+    decode = jax.vmap(lambda e: codec.decode(e, (n,)))
+    all_Mxn = decode(gathered)
+    mine = decode(enc)
+    return mine, jnp.mean(all_Mxn, axis=0, keepdims=True), all_Mxn @ all_Mxn.T
 
   in_specs = (P(mesh_lib.WORKER), None if keys is None else P(mesh_lib.WORKER))
   fn = jax.shard_map(per_shard, mesh=mesh, in_specs=in_specs,
-                     out_specs=(P(mesh_lib.WORKER), P()), check_vma=False)
+                     out_specs=(P(mesh_lib.WORKER), P(), P()), check_vma=False)
   return fn(flat_Mxn, keys)
 
 

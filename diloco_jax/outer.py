@@ -52,8 +52,10 @@ def merge(local_leaves: list, outer_leaves: list, alpha: float) -> list:
   return out
 
 
-def cosine_similarity_matrix(delta_leaves: list) -> jax.Array:
-  """[M, M] cosine similarity between the workers' outer gradients (the paper tracks it)."""
-  flat = jnp.concatenate([d.reshape(d.shape[0], -1) for d in delta_leaves], axis=1)
-  norms = jnp.linalg.norm(flat, axis=1)
-  return (flat @ flat.T) / jnp.maximum(norms[:, None] * norms[None, :], 1e-30)
+def mean_pairwise_cosine(gram_MxM: jax.Array) -> jax.Array:
+  """Mean over pairs m ≠ k of cos(Δ_m, Δ_k), from the Gram matrix ⟨Δ_m, Δ_k⟩ (the paper tracks
+  the similarity of the workers' outer gradients)."""
+  M = gram_MxM.shape[0]
+  norms = jnp.sqrt(jnp.diagonal(gram_MxM))
+  cos = gram_MxM / jnp.maximum(norms[:, None] * norms[None, :], 1e-30)
+  return (jnp.sum(cos) - jnp.trace(cos)) / (M * (M - 1))

@@ -46,15 +46,15 @@ def test_fedavg_outer_copy_is_worker_mean():
   """Outer SGD lr 1, no momentum: after a sync θ_g is the mean of the workers' parameters."""
   params, M, H = toy.init_params(), 4, 3
   opt = optax.adam(1e-2)
-  algo = algorithm.DiLoCo(toy.loss_fn, opt, optax.sgd(1.0), num_workers=M, inner_steps=H,
-                          mesh=mesh_lib.make_mesh(M))
-  state = algo.init(params)
+  mesh = mesh_lib.make_mesh(M)
   bs = toy.batches(H, M)
-  for t, b in enumerate(bs[:-1], start=1):
-    state, _ = algo.step(state, b, t)
-  state, _ = algo._inner_step(state, bs[-1])   # step H without its sync, to see the workers
-  workers = jax.tree.map(np.asarray, state.local_params)
-  state, _ = algo._sync[0](state)
+  algo = algorithm.DiLoCo(toy.loss_fn, opt, optax.sgd(1.0), num_workers=M, inner_steps=H,
+                          mesh=mesh)
+  state = _run(algo, params, bs)
+  # The same H inner steps without a sync (H larger than the run) show the workers before it.
+  no_sync = algorithm.DiLoCo(toy.loss_fn, opt, optax.sgd(1.0), num_workers=M, inner_steps=99,
+                             mesh=mesh)
+  workers = jax.tree.map(np.asarray, _run(no_sync, params, bs).local_params)
   for g, w in zip(jax.tree.leaves(state.outer_params), jax.tree.leaves(workers)):
     np.testing.assert_allclose(g, w.mean(axis=0), rtol=0, atol=1e-6)
     assert np.abs(w - w.mean(axis=0)).max() > 1e-3   # the workers really diverged
