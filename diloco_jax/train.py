@@ -49,7 +49,7 @@ class RunConfig:
   outer_momentum: float
   P_layers: int               # diloco.layers_per_fragment (streaming)
   fragment_pattern: str       # diloco.fragment_pattern (streaming)
-  tau: int                    # diloco.overlap_steps (streaming)
+  tau: int | tuple[int, ...]  # diloco.overlap_steps, or diloco.worker_overlap_steps (streaming)
   alpha: float                # diloco.merge_alpha (streaming)
   codec: quantize.Codec       # diloco.codec (streaming)
   wire: str                   # diloco.wire (streaming)
@@ -152,14 +152,20 @@ def validate(c: ml_collections.ConfigDict) -> RunConfig:
            f"vocabulary ({vocab}); use 0 to take the data's")
   try:
     # Empty/None keys keep the preset's value (the paper presets use a GELU MLP).
-    overrides = {k: g(f"model.{k}") for k in ("mlp", "tied_embeddings", "dtype")
-                 if g(f"model.{k}") not in (None, "")}
+    overrides = {k: g(f"model.{k}") for k in ("mlp", "tied_embeddings", "dtype", "num_layers")
+                 if g(f"model.{k}") not in (None, "", 0)}
     model_cfg = model_lib.config_from_preset(g("model.preset"), vocab_size=model_vocab,
                                              **overrides)
   except ValueError as e:
     raise ConfigError(f"model: {e}") from None
 
   tau = g("diloco.overlap_steps", 0)
+  worker_taus = tuple(g("diloco.worker_overlap_steps", ()) or ())
+  if worker_taus:
+    _require(alg == "streaming" and len(worker_taus) == g("diloco.num_workers"),
+             f"diloco.worker_overlap_steps must list one τ per worker "
+             f"(M={g('diloco.num_workers')}) for algorithm='streaming', got {worker_taus!r}")
+    tau = worker_taus
   alpha = g("diloco.merge_alpha", 0.0)
   try:
     codec = quantize.get_codec(g("diloco.codec", "fp32"), g("diloco.codec_block_size", 32),
@@ -172,9 +178,10 @@ def validate(c: ml_collections.ConfigDict) -> RunConfig:
   if alg == "streaming":
     _require(pattern in fragments.PATTERNS,
              f"diloco.fragment_pattern must be one of {fragments.PATTERNS}, got {pattern!r}")
-    _require(isinstance(tau, int) and 0 <= tau < g("diloco.inner_steps"),
-             f"diloco.overlap_steps (τ) must be an integer with 0 <= τ < diloco.inner_steps "
-             f"(H={g('diloco.inner_steps')}), got {tau!r}")
+    for x in (tau if isinstance(tau, tuple) else (tau,)):
+      _require(isinstance(x, int) and 0 <= x < g("diloco.inner_steps"),
+               f"diloco.overlap_steps (τ) must be an integer with 0 <= τ < diloco.inner_steps "
+               f"(H={g('diloco.inner_steps')}), got {x!r}")
     _require(0.0 <= alpha <= 1.0, f"diloco.merge_alpha (α) must be in [0, 1], got {alpha!r}")
   wd = g("train.weight_decay", -1.0)
   clip = g("train.grad_clip", 1.0)
@@ -216,6 +223,19 @@ def make_source(rc: RunConfig, split: str = "train"):
     raise ConfigError(f"data.paths: {e}") from None
 
 
+def make_fragments(rc: RunConfig, params) -> fragments.Fragments:
+  """The fragments and a schedule check; works on abstract params (jax.eval_shape), so a bad
+  value stops the run before anything is compiled."""
+  try:
+    frags = fragments.by_blocks(params, layers_per_fragment=rc.P_layers,
+                                pattern=rc.fragment_pattern)
+    tau = max(rc.tau) if isinstance(rc.tau, tuple) else rc.tau
+    fragments.Schedule(H=rc.H, P=frags.num_fragments, tau=tau)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  return frags
+
+
 def make_algorithm(rc: RunConfig, mesh, params):
   loss_fn = functools.partial(model_lib.loss_fn, rc.model)
   inner_opt = inner.inner_optimizer(
@@ -228,12 +248,7 @@ def make_algorithm(rc: RunConfig, mesh, params):
   if rc.algorithm == "diloco":
     return algorithm.DiLoCo(loss_fn, inner_opt, outer_opt, num_workers=rc.M, inner_steps=rc.H,
                             mesh=mesh)
-  try:
-    frags = fragments.by_blocks(params, layers_per_fragment=rc.P_layers,
-                                pattern=rc.fragment_pattern)
-    fragments.Schedule(H=rc.H, P=frags.num_fragments, tau=rc.tau)
-  except ValueError as e:
-    raise ConfigError(str(e)) from None
+  frags = make_fragments(rc, params)
   return algorithm.StreamingDiLoCo(
       loss_fn, inner_opt, outer_opt, num_workers=rc.M, inner_steps=rc.H, mesh=mesh,
       fragments=frags, overlap_steps=rc.tau, merge_alpha=rc.alpha, codec=rc.codec, wire=rc.wire,
@@ -276,9 +291,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, stop_after: int | None 
   if len(devices) < rc.mesh_data * rc.mesh_model:
     raise ConfigError(f"mesh.data * mesh.model = {rc.mesh_data * rc.mesh_model} exceeds the "
                       f"{len(devices)} available devices")
-  mesh = mesh_lib.make_mesh(rc.M, rc.mesh_data, rc.mesh_model)
   key = jax.random.PRNGKey(rc.seed)
   init_key, algo_key = jax.random.split(key)
+  if rc.algorithm == "streaming":   # validate fragments on shapes only, before compiling
+    make_fragments(rc, jax.eval_shape(functools.partial(model_lib.init_params, rc.model),
+                                      init_key))
+  mesh = mesh_lib.make_mesh(rc.M, rc.mesh_data, rc.mesh_model)
   params = model_lib.init_params(rc.model, init_key)
   algo = make_algorithm(rc, mesh, params)
   state = algo.init(params, algo_key)
@@ -327,11 +345,14 @@ def run(config: ml_collections.ConfigDict, workdir: str, stop_after: int | None 
     progress.line(step, row["train_loss"], tps, row.get("eval_loss"))
     return row
 
-  last_row = None
+  last_row, latest_sync = None, {}
   for t in range(start + 1, rc.num_steps + 1):
     batch = jax.device_put(next(train_it), batch_sharding)
     state, m = algo.step(state, batch, t)
     bits += algo.bits_sent(t)
+    # Sync diagnostics come from the steps that send; keep the latest per fragment (still on
+    # device) so that every logged row carries them.
+    latest_sync.update((k, v) for k, v in m.items() if k != "loss")
     if pending is not None:   # the previous logged step's values are ready by now
       last_row = flush(pending)
       pending = None
@@ -339,6 +360,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, stop_after: int | None 
     if t % rc.log_every == 0 or final or (rc.eval_every and t % rc.eval_every == 0):
       if (rc.eval_every and t % rc.eval_every == 0) or final:
         m["eval_loss"] = evaluate(algo.eval_params(state, rc.eval_params), eval_set)
+      m = {**latest_sync, **m}
       host = {"tokens_seen": t * tokens_per_step, "bits_sent_per_worker": bits,
               "bits_this_step": algo.bits_sent(t), "dp_bits_sent_per_worker": t * dp_step_bits}
       pending = (t, m, host)

@@ -5,4 +5,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launch/setup_venv.sh
 exec .venv/bin/python -m diloco_jax.main \
-  --config=experiments/configs/diloco.py:tiny --workdir=runs/quickstart "$@"
+  --config=experiments/configs/streaming.py:tiny --workdir=runs/quickstart "$@"

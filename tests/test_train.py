@@ -10,7 +10,8 @@ import jax
 import numpy as np
 import pytest
 
-from diloco_jax import checkpoint, train
+from diloco_jax import checkpoint, fragments, train
+from diloco_jax import model as model_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "experiments", "configs"))
@@ -131,3 +132,83 @@ def test_cli_reports_bad_values_and_unknown_keys_without_traceback(tmp_path):
   out = _cli(f"--workdir={tmp_path}", "--config.diloco.inner_stepz=3")
   assert out.returncode != 0
   assert "inner_stepz" in out.stderr and "Traceback" not in out.stderr
+
+
+def streaming_config(**overrides):
+  base = {"algorithm": "streaming", "diloco.inner_steps": 4, "train.num_steps": 12,
+          "checkpoint.every_steps": 5}
+  c = small_config(**{**base, **overrides})
+  return c
+
+
+def _add_streaming_keys(c, **kw):
+  with c.unlocked():
+    c.diloco.layers_per_fragment = kw.get("layers", 1)
+    c.diloco.fragment_pattern = "strided"
+    c.diloco.overlap_steps = kw.get("tau", 2)
+    c.diloco.merge_alpha = 0.5
+    c.diloco.codec = kw.get("codec", "fp4_e3m0")
+    c.diloco.codec_block_size = 32
+    c.diloco.stochastic_rounding = kw.get("stochastic", True)
+    c.diloco.error_feedback = kw.get("error_feedback", True)
+    c.diloco.wire = "reference"
+  return c
+
+
+def test_streaming_resume_with_fragments_in_flight_is_bit_identical(tmp_path):
+  """H=4, P=3 (2 blocks + non-block), τ=2: sends at 4, 5, 6, merges at 6, 7, 8. The checkpoint
+  at step 5 holds two fragments in flight, the error-feedback residuals and the RNG of stochastic
+  rounding; the run is cut at 7 and resumed from 5."""
+  cfg = _add_streaming_keys(streaming_config())
+  full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
+  s_full = train.run(cfg, full)
+  train.run(cfg, cut, stop_after=7)
+  s_cut = train.run(cfg, cut)
+  assert s_cut["steps_this_run"] == 7
+  a = checkpoint.Checkpointer(os.path.join(full, "checkpoints"))
+  b = checkpoint.Checkpointer(os.path.join(cut, "checkpoints"))
+  (sa, _), (sb, _) = a.restore_saved(12), b.restore_saved(12)
+  a.close(), b.close()
+  for x, y in zip(jax.tree.leaves(sa), jax.tree.leaves(sb), strict=True):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  assert s_full["final_eval_loss"] == s_cut["final_eval_loss"]
+  assert s_full["bits_sent_per_worker"] == s_cut["bits_sent_per_worker"]
+  rows = _rows(full)
+  assert {"outer_grad_norm/0", "outer_grad_cosine/2", "quant_rel_error/1"} <= set(rows[-1])
+  assert 0 < rows[-1]["quant_rel_error/1"] < 1
+
+
+def test_streaming_bits_and_peak_against_data_parallel(tmp_path):
+  cfg = _add_streaming_keys(streaming_config(**{"checkpoint.every_steps": 0}), tau=1,
+                            stochastic=False, error_feedback=False)
+  s = train.run(cfg, str(tmp_path))
+  rc = train.validate(cfg)
+  params = model_lib.init_params(rc.model, jax.random.PRNGKey(0))
+  sizes = fragments.by_blocks(params, layers_per_fragment=1).sizes(params)   # P = 3
+  n = s["num_params"]
+  assert sum(sizes) == n
+  # One all-gather (M−1 = 1 forward) of 4-bit codes plus an fp32 scale per 32 values, padded
+  # to whole blocks: ceil(n/32)·(32·4 + 32) bits.
+  wire = [-(-k // 32) * (32 * 4 + 32) for k in sizes]
+  sends = {4: 0, 8: 0, 12: 0, 5: 1, 9: 1, 6: 2, 10: 2}   # H=4, offsets 0, 1, 2
+  assert s["bits_sent_per_worker"] == sum(wire[p] for p in sends.values())
+  assert s["peak_bits_per_step"] == max(wire)
+  assert s["dp_bits_sent_per_worker"] == 12 * n * 32   # M=2 ring all-reduce: one fp32 payload
+  rows = {r["step"]: r for r in _rows(str(tmp_path))}
+  assert rows[4]["bits_this_step"] == wire[0] and rows[12]["bits_sent_per_worker"] == \
+      s["bits_sent_per_worker"]
+
+
+STREAMING_BAD = [
+    ({"diloco.inner_steps": 2}, {"tau": 1}, r"diloco.inner_steps \(H=2\) must be at least the number of fragments \(P=3\)"),
+    ({}, {"layers": 3}, r"diloco.layers_per_fragment=3 must divide the number of blocks L=2"),
+    ({}, {"tau": 4}, r"diloco.overlap_steps \(τ\) must be an integer with 0 <= τ < diloco.inner_steps \(H=4\)"),
+    ({}, {"codec": "int4"}, r"diloco.codec must be one of"),
+]
+
+
+@pytest.mark.parametrize("overrides,keys,message", STREAMING_BAD)
+def test_invalid_streaming_config_is_one_clear_sentence(tmp_path, overrides, keys, message):
+  cfg = _add_streaming_keys(streaming_config(**overrides), **keys)
+  with pytest.raises(train.ConfigError, match=message):
+    train.run(cfg, str(tmp_path))

@@ -24,6 +24,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict()
   c.model.preset = "tiny"          # "tiny" or the paper family "35M" ... "4B" (SPEC §4)
+  c.model.num_layers = 0           # transformer blocks; 0: the preset's
   c.model.vocab_size = 0           # 0: the data source's vocabulary
   c.model.mlp = ""                 # "swiglu" or "gelu"; "": the preset's
   c.model.tied_embeddings = True
