@@ -118,6 +118,10 @@ class StreamingDiLoCo:
   # ----------------------------------------------------------------------------------- set-up
   def _bind(self, params: PyTree) -> None:
     """Fixes the fragments and the schedule from the params' structure (static Python)."""
+    # A re-init (possibly with another params structure) starts from fresh programs.
+    for name in ("_inner_step", "_sync", "_send", "_receive_first", "_receive_late"):
+      self.__dict__.pop(name, None)
+    self._last_t = None
     f = self._fragments_arg
     if f is None:
       f = fragments_lib.single(params)
@@ -250,6 +254,11 @@ class StreamingDiLoCo:
     """
     if self.schedule is None:
       raise RuntimeError("call init(params) before step()")
+    # The schedule is keyed on t, so t must advance one at a time (checked on the host: the
+    # first call may start anywhere, e.g. after a restore at state.step = t − 1).
+    if self._last_t is not None and t != self._last_t + 1:
+      raise ValueError(f"step() got t={t} after t={self._last_t}: t must increase by 1 per call")
+    self._last_t = t
     f = self.fragments
     step, local, inner_state, loss = self._inner_step(state.step, state.local_params,
                                                       state.inner_opt_state, batch_MxB)
@@ -296,9 +305,9 @@ class StreamingDiLoCo:
 
   def eval_params(self, state: DilocoState, which: str = "outer") -> PyTree:
     """The parameters to evaluate: the outer copy θ_g (the paper's choice), the worker mean, or
-    worker 0."""
+    worker 0. Fresh arrays: the next step donates the state's buffers."""
     if which == "outer":
-      return state.outer_params
+      return jax.tree.map(jnp.copy, state.outer_params)
     if which == "worker_mean":
       return jax.tree.map(lambda x: jnp.mean(x, axis=0), state.local_params)
     if which == "worker0":
@@ -318,10 +327,13 @@ def _scatter(items: tuple, indices, values) -> tuple:
 
 
 def DiLoCo(loss_fn: LossFn, inner_opt, outer_opt, *, num_workers: int, inner_steps: int,
-           mesh: Mesh | None = None) -> StreamingDiLoCo:
-  """DiLoCo (Algorithm 1): one fragment, no overlap, workers restart from the outer copy."""
+           mesh: Mesh | None = None, codec: Codec | str = "fp32", wire: str = "reference",
+           error_feedback: bool = False) -> StreamingDiLoCo:
+  """DiLoCo (Algorithm 1): one fragment, no overlap, workers restart from the outer copy
+  (optionally with a quantized all-reduce)."""
   return StreamingDiLoCo(loss_fn, inner_opt, outer_opt, num_workers=num_workers,
-                         inner_steps=inner_steps, mesh=mesh)
+                         inner_steps=inner_steps, mesh=mesh, codec=codec, wire=wire,
+                         error_feedback=error_feedback)
 
 
 class DPState(struct.PyTreeNode):
@@ -382,5 +394,8 @@ class DataParallel:
     return collectives.ring_allreduce_bits(self.numel, self.grad_bits, self.M)
 
   def eval_params(self, state: DPState, which: str = "outer") -> PyTree:
-    del which
-    return state.params
+    """The one model (fresh arrays: the next step donates the state's). Data-parallel training
+    has no worker copies, so `which` must be "outer"."""
+    if which != "outer":
+      raise ValueError(f"eval.params must be 'outer' for data-parallel training, got {which!r}")
+    return jax.tree.map(jnp.copy, state.params)

@@ -6,7 +6,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax.sharding import PartitionSpec as P
 
 from diloco_jax import algorithm, fragments, inner, mesh as mesh_lib, outer
 from tests import toy
@@ -207,3 +206,27 @@ def test_bad_arguments_raise_clear_errors():
     algorithm.DiLoCo(toy.loss_fn, optax.sgd(1), optax.sgd(1), num_workers=0, inner_steps=1)
   with pytest.raises(ValueError, match=r"diloco.inner_steps \(H\)"):
     algorithm.DiLoCo(toy.loss_fn, optax.sgd(1), optax.sgd(1), num_workers=1, inner_steps=0)
+
+
+def test_step_requires_consecutive_t_and_reinit_rebuilds_programs():
+  M, H = 2, 3
+  algo = algorithm.StreamingDiLoCo(toy.loss_fn, optax.adam(1e-2), optax.sgd(0.7), num_workers=M,
+                                   inner_steps=H, mesh=mesh_lib.make_mesh(M),
+                                   fragments=lambda p: fragments.by_blocks(p, layers_per_fragment=1))
+  bs = toy.batches(3, M)
+  state = algo.init(toy.init_params())
+  state, _ = algo.step(state, bs[0], 1)
+  with pytest.raises(ValueError, match="t must increase by 1"):
+    algo.step(state, bs[1], 3)
+  assert algo.fragments.num_fragments == 3
+  with pytest.raises(ValueError, match="must be at least the number of fragments"):
+    algo.init(toy.init_params(num_blocks=4))   # another structure: P = 5 > H = 3
+  algo4 = algorithm.StreamingDiLoCo(toy.loss_fn, optax.adam(1e-2), optax.sgd(0.7), num_workers=M,
+                                    inner_steps=6, mesh=mesh_lib.make_mesh(M),
+                                    fragments=lambda p: fragments.by_blocks(p, layers_per_fragment=1))
+  algo4.init(toy.init_params())
+  state = algo4.init(toy.init_params(num_blocks=4))
+  for t, b in enumerate(toy.batches(7, M), start=1):
+    state, _ = algo4.step(state, b, t)   # fragment 0 syncs at t=6 with the new programs
+  w = toy.init_params(num_blocks=4)["blocks"][0]["w"]
+  assert not np.array_equal(np.asarray(state.outer_params["blocks"][0]["w"]), w)

@@ -1,7 +1,6 @@
 """A tiny model with transformer-like param structure (blocks + non-block leaves) whose programs
 compile in well under a second; shared by the algorithm tests."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
