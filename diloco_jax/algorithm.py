@@ -189,15 +189,15 @@ class StreamingDiLoCo:
     rng, sub = jax.random.split(rng)
     if self.error_feedback:
       delta = [d + r for d, r in zip(delta, residual_p)]
-    mean, sent, gram = collectives.worker_mean(delta, self.codec, self.mesh, wire=self.wire,
-                                               rng=sub if self.codec.stochastic else None)
+    mean, sent, sq_norms = collectives.worker_mean(delta, self.codec, self.mesh, wire=self.wire,
+                                                   rng=sub if self.codec.stochastic else None)
     metrics = {f"outer_grad_norm/{p}": inner.global_norm(mean)}
     if self.codec.name != "fp32":
       metrics[f"quant_rel_error/{p}"] = collectives.relative_error(delta, sent)
     if self.error_feedback:
       residual_p = [d - s for d, s in zip(delta, sent)]
-    if self.M > 1:   # mean pairwise cosine of the outer gradients as sent
-      metrics[f"outer_grad_cosine/{p}"] = outer.mean_pairwise_cosine(gram)
+    if self.M > 1:   # pairwise cosine of the outer gradients as sent
+      metrics[f"outer_grad_cosine/{p}"] = outer.pairwise_cosine(mean, sq_norms)
     return self._repl(mean), self._per_worker(residual_p), self._repl(rng), metrics
 
   def _merge_workers(self, local_p: list, outer_p: list, d: int) -> list:
@@ -307,12 +307,18 @@ class StreamingDiLoCo:
     """The parameters to evaluate: the outer copy θ_g (the paper's choice), the worker mean, or
     worker 0. Fresh arrays: the next step donates the state's buffers."""
     if which == "outer":
-      return jax.tree.map(jnp.copy, state.outer_params)
+      return _copy_tree(state.outer_params)
     if which == "worker_mean":
       return jax.tree.map(lambda x: jnp.mean(x, axis=0), state.local_params)
     if which == "worker0":
       return jax.tree.map(lambda x: x[0], state.local_params)
     raise ValueError(f"eval.params must be 'outer', 'worker_mean' or 'worker0', got {which!r}")
+
+
+@jax.jit
+def _copy_tree(tree):
+  """One program that copies a whole tree (a jit without donation returns new buffers)."""
+  return jax.tree.map(jnp.copy, tree)
 
 
 def _replace_at(items: tuple, i: int, value) -> tuple:
@@ -398,4 +404,4 @@ class DataParallel:
     has no worker copies, so `which` must be "outer"."""
     if which != "outer":
       raise ValueError(f"eval.params must be 'outer' for data-parallel training, got {which!r}")
-    return jax.tree.map(jnp.copy, state.params)
+    return _copy_tree(state.params)

@@ -1,8 +1,9 @@
 """Checkpoints with orbax (the only module that imports it).
 
 A checkpoint is the complete training state pytree (outer and per-worker params, both optimizer
-states, in-flight outer gradients, residuals, step, RNG) plus the data iterator's JSON state, so a
-resumed run sees exactly the batches and arithmetic the uninterrupted run would have.
+states, in-flight outer gradients, residuals, step, RNG) plus a JSON dict of host-side state (the data
+iterator's position, the latest logged diagnostics), so a resumed run sees exactly the batches
+and arithmetic the uninterrupted run would have.
 """
 
 from __future__ import annotations
@@ -29,9 +30,9 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
-  def save(self, step: int, state: Any, data_state: dict) -> None:
+  def save(self, step: int, state: Any, host_state: dict) -> None:
     self._manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)))
+        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(host_state)))
 
   def restore(self, step: int, like_state: Any) -> tuple[Any, dict]:
     """Restores onto the shapes, dtypes and shardings of `like_state` (arrays or abstract)."""

@@ -39,9 +39,9 @@ def ring_allreduce_bits(n: int, bits: int, num_workers: int) -> int:
 
 
 def bits_per_worker(n: int, codec: Codec, num_workers: int, wire: str = "reference") -> int:
-  """Bits one worker sends to all-reduce an n-value outer gradient with `codec` (see module doc)."""
-  del wire  # both wires model the same algorithm; see the module docstring.
-  if codec.name == "fp32":
+  """Bits one worker sends to all-reduce an n-value outer gradient with `codec` (see module doc):
+  fp32 on the reference wire is a ring all-reduce; everything else is the packed all-gather."""
+  if codec.name == "fp32" and wire == "reference":
     return ring_allreduce_bits(n, 32, num_workers)
   # payload_bits counts the arrays encode really returns (padding to whole blocks included),
   # so this equals what the packed all-gather moves; SPEC's n·bits + (n/B)·32 when B divides n.
@@ -81,20 +81,20 @@ def worker_mean(delta_leaves: list, codec: Codec, mesh: Mesh, *, wire: str = "re
     rng: a key for stochastic rounding (one sub-key per worker), or None.
   Returns:
     (mean leaves without the worker dim, the values each worker sent [M, ...] after
-    quantization, the [M, M] Gram matrix ⟨Q(Δ_m), Q(Δ_k)⟩ of what was sent). The Gram matrix
-    costs no extra traffic on the packed wire: every worker has decoded all M payloads.
+    quantization, each worker's ‖Q(Δ_m)‖² [M]). The squared norms are computed where the
+    worker's values live; only M scalars cross workers for them.
   """
   flat = _flatten(delta_leaves)
   if wire == "reference":
     sent = _roundtrip_per_worker(codec, flat, rng)
     mean = jnp.mean(sent, axis=0, keepdims=True)
-    gram = sent @ sent.T
   elif wire == "packed":
-    sent, mean, gram = _packed_gather_mean(codec, flat, mesh, rng)
+    sent, mean = _packed_gather_mean(codec, flat, mesh, rng)
   else:
     raise ValueError(f"diloco.wire must be one of {WIRES}, got {wire!r}")
+  sq_norms = jnp.sum(jnp.square(sent), axis=1)
   mean = _unflatten(mean, delta_leaves)
-  return [m[0] for m in mean], _unflatten(sent, delta_leaves), gram
+  return [m[0] for m in mean], _unflatten(sent, delta_leaves), sq_norms
 
 
 def _packed_gather_mean(codec: Codec, flat_Mxn: jax.Array, mesh: Mesh, rng):
@@ -108,13 +108,11 @@ def _packed_gather_mean(codec: Codec, flat_Mxn: jax.Array, mesh: Mesh, rng):
     gathered = jax.tree.map(
         lambda a: jax.lax.all_gather(a, mesh_lib.WORKER, axis=0, tiled=True), enc)
     decode = jax.vmap(lambda e: codec.decode(e, (n,)))
-    all_Mxn = decode(gathered)
-    mine = decode(enc)
-    return mine, jnp.mean(all_Mxn, axis=0, keepdims=True), all_Mxn @ all_Mxn.T
+    return decode(enc), jnp.mean(decode(gathered), axis=0, keepdims=True)
 
   in_specs = (P(mesh_lib.WORKER), None if keys is None else P(mesh_lib.WORKER))
   fn = jax.shard_map(per_shard, mesh=mesh, in_specs=in_specs,
-                     out_specs=(P(mesh_lib.WORKER), P(), P()), check_vma=False)
+                     out_specs=(P(mesh_lib.WORKER), P()), check_vma=False)
   return fn(flat_Mxn, keys)
 
 

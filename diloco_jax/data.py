@@ -318,7 +318,7 @@ class TextBytes:
     if len(self._starts) == 0:
       raise ValueError(
         f"split {split!r} holds no complete sequence of seq_len + 1 = {chunk} bytes in any file "
-        f"(heldout_fraction={heldout_fraction}); raise heldout_fraction or lower seq_len."
+        f"(heldout_fraction={heldout_fraction}); lower data.seq_len or add text."
       )
 
   def respec(self, *, seq_len: int | None = None, split: str | None = None) -> TextBytes:

@@ -60,24 +60,9 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def shard_tree_per_worker(tree, mesh: Mesh):
-  """Places a pytree of [M, ...] leaves with its worker dimension over WORKER."""
-  return jax.tree.map(lambda x: jax.device_put(x, worker_sharding(mesh, x.ndim - 1)), tree)
-
-
-def replicate_tree(tree, mesh: Mesh):
-  return jax.tree.map(lambda x: jax.device_put(x, replicated(mesh)), tree)
-
-
-def per_worker_shardings(tree, mesh: Mesh):
-  return jax.tree.map(lambda x: worker_sharding(mesh, x.ndim - 1), tree)
-
-
-def replicated_shardings(tree, mesh: Mesh):
-  return jax.tree.map(lambda _: replicated(mesh), tree)
-
-
-def devices_needed(num_workers: int, data: int = 1, model: int = 1) -> int:
-  return num_workers * data * model
-
-
+def eval_sharding(mesh: Mesh, batch_size: int) -> NamedSharding:
+  """[N, B, L] held-out batches: the B sequences over every device of the mesh when they divide
+  evenly (evaluation is then not repeated on each device), else replicated."""
+  if batch_size % mesh.size == 0:
+    return NamedSharding(mesh, P(None, AXES))
+  return replicated(mesh)

@@ -52,10 +52,16 @@ def merge(local_leaves: list, outer_leaves: list, alpha: float) -> list:
   return out
 
 
-def mean_pairwise_cosine(gram_MxM: jax.Array) -> jax.Array:
-  """Mean over pairs m ≠ k of cos(Δ_m, Δ_k), from the Gram matrix ⟨Δ_m, Δ_k⟩ (the paper tracks
-  the similarity of the workers' outer gradients)."""
-  M = gram_MxM.shape[0]
-  norms = jnp.sqrt(jnp.diagonal(gram_MxM))
-  cos = gram_MxM / jnp.maximum(norms[:, None] * norms[None, :], 1e-30)
-  return (jnp.sum(cos) - jnp.trace(cos)) / (M * (M - 1))
+def pairwise_cosine(mean: list, sq_norms_M: jax.Array) -> jax.Array:
+  """The workers' outer gradients' pairwise cosine similarity (the paper tracks it), from what
+  every worker already has after the all-reduce: the mean Δ̄ and the M squared norms ‖Δ_m‖².
+
+  Σ_{m≠k} ⟨Δ_m, Δ_k⟩ = ‖M·Δ̄‖² − Σ_m ‖Δ_m‖², divided by Σ_{m≠k} ‖Δ_m‖‖Δ_k‖: the norm-weighted
+  mean of the pairwise cosines. Exactly cos(Δ_1, Δ_2) for M = 2, and the plain mean of the
+  pairwise cosines when the norms are equal. No worker's full Δ has to travel for it.
+  """
+  M = sq_norms_M.shape[0]
+  sum_sq = (M * M) * sum(jnp.sum(jnp.square(m)) for m in mean)
+  norms = jnp.sqrt(sq_norms_M)
+  cross = jnp.square(jnp.sum(norms)) - jnp.sum(sq_norms_M)
+  return (sum_sq - jnp.sum(sq_norms_M)) / jnp.maximum(cross, 1e-30)

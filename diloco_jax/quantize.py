@@ -240,9 +240,9 @@ class Codec:
       raise ValueError(f"diloco.codec must be one of {CODECS}, got {self.name!r}")
     if (isinstance(self.block_size, bool) or not isinstance(self.block_size, (int, np.integer))
         or self.block_size < 1):
-      raise ValueError(f"diloco.block_size must be an integer >= 1, got {self.block_size!r}")
+      raise ValueError(f"diloco.codec_block_size must be an integer >= 1, got {self.block_size!r}")
     if self.bits == 4 and self.block_size % 2:
-      raise ValueError(f"diloco.block_size must be even for the 4-bit codec {self.name!r} "
+      raise ValueError(f"diloco.codec_block_size must be even for the 4-bit codec {self.name!r} "
                        f"(two codes per byte, blocks must not share a byte), got "
                        f"{self.block_size}")
     if not isinstance(self.stochastic, (bool, np.bool_)):

@@ -119,6 +119,12 @@ def validate(c: ml_collections.ConfigDict) -> RunConfig:
     v = g(key)
     _require(isinstance(v, int) and v >= 0, f"{key} must be an integer >= 0, got {v!r}")
   _require(g("train.learning_rate") > 0, "train.learning_rate must be > 0")
+  seed = g("seed")
+  _require(isinstance(seed, int) and seed >= 0, f"seed must be an integer >= 0, got {seed!r}")
+  for key in ("train.b1", "train.b2"):
+    _require(0 <= g(key) < 1, f"{key} must be in [0, 1), got {g(key)!r}")
+  _require(0 <= g("train.final_lr_fraction") <= 1,
+           f"train.final_lr_fraction must be in [0, 1], got {g('train.final_lr_fraction')!r}")
   _require(g("diloco.outer_lr") > 0, "diloco.outer_lr must be > 0")
   _require(0 <= g("diloco.outer_momentum") < 1, "diloco.outer_momentum must be in [0, 1)")
   outer_opt = g("diloco.outer_optimizer", "nesterov")
@@ -130,8 +136,6 @@ def validate(c: ml_collections.ConfigDict) -> RunConfig:
   B = g("train.batch_size")
   _require(B % mesh_data == 0,
            f"train.batch_size={B} must be divisible by mesh.data={mesh_data} (devices per worker)")
-  _require(g("eval.batch_size") % mesh_data == 0,
-           f"eval.batch_size must be divisible by mesh.data={mesh_data}")
   ev = g("eval.params", "outer")
   _require(ev in EVAL_PARAMS, f"eval.params must be one of {EVAL_PARAMS}, got {ev!r}")
   _require(alg != "dp" or ev == "outer", "eval.params must be 'outer' for algorithm='dp'")
@@ -152,8 +156,10 @@ def validate(c: ml_collections.ConfigDict) -> RunConfig:
            f"vocabulary ({vocab}); use 0 to take the data's")
   try:
     # Empty/None keys keep the preset's value (the paper presets use a GELU MLP).
-    overrides = {k: g(f"model.{k}") for k in ("mlp", "tied_embeddings", "dtype", "num_layers")
-                 if g(f"model.{k}") not in (None, "", 0)}
+    overrides = {k: g(f"model.{k}") for k in ("mlp", "tied_embeddings", "dtype")
+                 if g(f"model.{k}") is not None and g(f"model.{k}") != ""}
+    if g("model.num_layers", 0):
+      overrides["num_layers"] = g("model.num_layers")
     model_cfg = model_lib.config_from_preset(g("model.preset"), vocab_size=model_vocab,
                                              **overrides)
   except ValueError as e:
@@ -247,7 +253,8 @@ def make_algorithm(rc: RunConfig, mesh, params):
   outer_opt = outer.outer_optimizer(rc.outer_optimizer, rc.outer_lr, rc.outer_momentum)
   if rc.algorithm == "diloco":
     return algorithm.DiLoCo(loss_fn, inner_opt, outer_opt, num_workers=rc.M, inner_steps=rc.H,
-                            mesh=mesh)
+                            mesh=mesh, codec=rc.codec, wire=rc.wire,
+                            error_feedback=rc.error_feedback)
   frags = make_fragments(rc, params)
   return algorithm.StreamingDiLoCo(
       loss_fn, inner_opt, outer_opt, num_workers=rc.M, inner_steps=rc.H, mesh=mesh,
@@ -308,16 +315,18 @@ def run(config: ml_collections.ConfigDict, workdir: str, stop_after: int | None 
   eval_it = data.make_batches(eval_source, num_workers=1, batch_size=rc.eval_batch_size,
                               seq_len=rc.seq_len, seed=rc.seed, split="eval")
   eval_set = jax.device_put(np.stack([next(eval_it)[0] for _ in range(rc.eval_batches)]),
-                            mesh_lib.replicated(mesh))
+                            mesh_lib.eval_sharding(mesh, rc.eval_batch_size))
   evaluate = _eval_fn(rc.model)
   floor = data.entropy_floor(source)
 
   os.makedirs(workdir, exist_ok=True)
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=rc.ckpt_keep)
   start = ckpt.latest_step() or 0
+  restored_sync = {}
   if start:
-    state, data_state = ckpt.restore(start, state)
-    train_it.set_state(data_state)
+    state, host_state = ckpt.restore(start, state)
+    train_it.set_state(host_state["data_iterator"])
+    restored_sync = host_state["sync_diagnostics"]
     print(f"resumed from step {start} in {workdir}", flush=True)
   writer = metrics_lib.MetricsWriter(workdir, resume_step=start)
   progress = metrics_lib.Progress(rc.num_steps, start)
@@ -343,9 +352,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, stop_after: int | None 
            "tokens_per_s": tps}
     writer.write(step, row)
     progress.line(step, row["train_loss"], tps, row.get("eval_loss"))
-    return row
+    return {"step": step, **row}
 
-  last_row, latest_sync = None, {}
+  last_row, latest_sync = None, dict(restored_sync)
   for t in range(start + 1, rc.num_steps + 1):
     batch = jax.device_put(next(train_it), batch_sharding)
     state, m = algo.step(state, batch, t)
@@ -365,7 +374,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, stop_after: int | None 
               "bits_this_step": algo.bits_sent(t), "dp_bits_sent_per_worker": t * dp_step_bits}
       pending = (t, m, host)
     if (rc.ckpt_every and t % rc.ckpt_every == 0) or final:
-      ckpt.save(t, state, train_it.get_state())
+      # The host-side state: the data position and the latest sync diagnostics (floats, read
+      # here where orbax copies the state to the host anyway), so a resumed run logs the same.
+      ckpt.save(t, state, {"data_iterator": train_it.get_state(),
+                           "sync_diagnostics": _fetch(latest_sync)})
     if stop_after is not None and t >= stop_after and not final:
       if pending is not None:
         flush(pending)
@@ -376,7 +388,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, stop_after: int | None 
     last_row = flush(pending)
   wall = time.perf_counter() - t_wall
 
-  final_eval = float(evaluate(algo.eval_params(state, rc.eval_params), eval_set))
+  if last_row is not None and last_row["step"] == rc.num_steps and "eval_loss" in last_row:
+    final_eval = last_row["eval_loss"]   # evaluated at the last step already
+  else:   # e.g. the run was already complete: evaluate the restored state
+    final_eval = float(evaluate(algo.eval_params(state, rc.eval_params), eval_set))
   steps_run = rc.num_steps - start
   summary = {
       "algorithm": rc.algorithm, "num_workers": rc.M, "inner_steps": rc.H,

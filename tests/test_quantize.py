@@ -364,11 +364,11 @@ def test_invalid_codec_name():
 
 @pytest.mark.parametrize("block_size", [0, -4, 2.5, True])
 def test_invalid_block_size(block_size):
-  with pytest.raises(ValueError, match=r"diloco\.block_size"):
+  with pytest.raises(ValueError, match=r"diloco\.codec_block_size"):
     Q.get_codec("fp8_e4m3", block_size=block_size)
 
 
 def test_fp4_needs_even_block_size():
-  with pytest.raises(ValueError, match=r"diloco\.block_size must be even"):
+  with pytest.raises(ValueError, match=r"diloco\.codec_block_size must be even"):
     Q.Codec("fp4_e3m0", block_size=3)
   assert Q.Codec("fp8_e4m3", block_size=3).block_size == 3

@@ -12,7 +12,7 @@ import optax
 import pytest
 from jax._src import array as array_impl
 
-from diloco_jax import algorithm, collectives, fragments, inner, mesh as mesh_lib, quantize
+from diloco_jax import algorithm, collectives, fragments, inner, mesh as mesh_lib, outer, quantize
 from tests import toy
 
 
@@ -358,7 +358,6 @@ def test_error_feedback_residual_is_what_quantization_dropped():
   bs = toy.batches(H, M)
   state = algo.init(params)
   state, _ = algo.step(state, bs[0], 1)
-  before = jax.tree.map(np.asarray, state)
   state, _ = algo.step(state, bs[1], 2)   # fragment 0 (the blocks) sends at t=H=2
   f = algo.fragments
   # Recompute: Δ_m = θ_g − θ_m after step 2 for fragment 0, quantized per worker.
@@ -374,7 +373,6 @@ def test_error_feedback_residual_is_what_quantization_dropped():
   assert np.abs(resid).max() > 0
   for i in f.leaf_indices(1):   # fragment 1 has not sent: its residual is still zero
     assert not np.asarray(state.residual[i]).any()
-  del before
 
 
 def test_stochastic_rounding_uses_fresh_randomness_per_send():
@@ -387,3 +385,88 @@ def test_stochastic_rounding_uses_fresh_randomness_per_send():
     keys.append(np.asarray(state.rng))
   changed = [not np.array_equal(a, b) for a, b in zip(keys, keys[1:])]
   assert changed == [algo.schedule.sends(t) != () for t in range(1, 2 * H + 1)]
+
+
+def test_error_feedback_adds_the_residual_to_the_next_send():
+  """Two sends of the same fragment: the second quantizes Δ₂ + r₁, and r₂ = Δ₂ + r₁ − Q(Δ₂ + r₁).
+  Checked against a run whose sends are recomputed by hand from the workers' parameters."""
+  M, H = 2, 2
+  codec = quantize.get_codec("fp4_e3m0", block_size=4)
+  algo = algorithm.StreamingDiLoCo(toy.loss_fn, optax.adam(1e-2), optax.sgd(0.4), num_workers=M,
+                                   inner_steps=H, mesh=mesh_lib.make_mesh(M), codec=codec,
+                                   error_feedback=True)   # P = 1, τ = 0
+  params = toy.init_params()
+  bs = toy.batches(2 * H, M)
+  state = algo.init(params)
+  flat = lambda tree: np.concatenate([np.asarray(x).reshape(M, -1) for x in jax.tree.leaves(tree)], 1)
+  g = np.concatenate([np.asarray(x).ravel() for x in jax.tree.leaves(params)])
+  residual = np.zeros_like(flat(state.local_params))
+  for t, b in enumerate(bs, start=1):
+    if t % H == 0:   # see the workers just before the sync: the inner step alone
+      step, local, inner_state, _ = algo._inner_step(state.step, state.local_params,
+                                                    state.inner_opt_state, b)
+      workers = flat(local)
+      state = state.replace(step=step, local_params=local, inner_opt_state=inner_state)
+      f = algo.fragments
+      outer_p, local_p = f.select(state.outer_params, 0), f.select(state.local_params, 0)
+      res_p = list(state.residual)
+      g_new, local_p, opt_p, res_p, rng, _ = algo._sync[0](
+          outer_p, local_p, state.outer_opt_state[0], res_p, state.rng)
+      state = state.replace(outer_params=f.merge_into(state.outer_params, 0, g_new),
+                            local_params=f.merge_into(state.local_params, 0, local_p),
+                            outer_opt_state=(opt_p,), residual=tuple(res_p), rng=rng)
+      algo._last_t = t
+      x = g[None] - workers + residual
+      sent = np.stack([np.asarray(codec.roundtrip(jnp.asarray(x[m]))) for m in range(M)])
+      np.testing.assert_allclose(flat(state.residual), x - sent, rtol=0, atol=1e-6)
+      residual = flat(state.residual)
+      g = np.concatenate([np.asarray(v).ravel() for v in jax.tree.leaves(state.outer_params)])
+    else:
+      state, _ = algo.step(state, b, t)
+  assert np.abs(residual).max() > 0
+
+
+def test_stochastic_rounding_is_independent_per_worker_and_wire_agnostic():
+  M = 2
+  mesh = mesh_lib.make_mesh(M)
+  c = quantize.get_codec("fp4_e3m0", block_size=8, stochastic=True)
+  same = np.random.default_rng(3).normal(size=64).astype(np.float32)
+  deltas = [jax.device_put(jnp.asarray(np.stack([same, same])), mesh_lib.worker_sharding(mesh, 1))]
+  key = jax.random.PRNGKey(11)
+  ref = jax.jit(lambda d: collectives.worker_mean(d, c, mesh, wire="reference", rng=key))(deltas)
+  packed = jax.jit(lambda d: collectives.worker_mean(d, c, mesh, wire="packed", rng=key))(deltas)
+  sent = np.asarray(ref[1][0])
+  assert not np.array_equal(sent[0], sent[1])   # identical Δ, independent rounding per worker
+  _assert_equal(ref[:2], packed[:2])            # the same keys and codes on both wires
+
+
+def test_pairwise_cosine_from_mean_and_norms():
+  rng = np.random.default_rng(0)
+  d = rng.normal(size=(2, 50)).astype(np.float64)
+  got = outer.pairwise_cosine([jnp.asarray(d.mean(0))], jnp.asarray((d ** 2).sum(1)))
+  want = d[0] @ d[1] / np.linalg.norm(d[0]) / np.linalg.norm(d[1])
+  np.testing.assert_allclose(float(got), want, rtol=1e-5)
+  e = rng.normal(size=(3, 50))
+  e /= np.linalg.norm(e, axis=1, keepdims=True)   # equal norms: the plain mean of the cosines
+  got = outer.pairwise_cosine([jnp.asarray(e.mean(0))], jnp.asarray((e ** 2).sum(1)))
+  want = np.mean([e[i] @ e[j] for i in range(3) for j in range(3) if i != j])
+  np.testing.assert_allclose(float(got), want, rtol=1e-5, atol=1e-6)
+
+
+def test_reference_wire_moves_only_the_fp32_all_reduce():
+  """DiLoCo's fp32 sync: the only non-scalar collective is the all-reduce of the outer gradient
+  (no worker's full Δ is gathered for diagnostics), and it moves what bits_sent reports."""
+  M = 4
+  algo = _streaming(M, 4, layers=2)   # P = 2, τ = 0
+  state = algo.init(toy.init_params())
+  f = algo.fragments
+  args = (f.select(state.outer_params, 0), f.select(state.local_params, 0),
+          state.outer_opt_state[0], [], state.rng)
+  hlo = algo._sync[0].lower(*args).compile().as_text()
+  for shape in re.findall(r"= (\w+\[[\d,]*\])\{[\d,]*\} all-gather\(", hlo):
+    assert int(np.prod([int(x) for x in re.findall(r"\d+", shape)] or [1])) <= M, shape
+  reduces = re.findall(r"= \(?([^=]*?)\)? all-reduce\(", hlo)
+  sizes = [int(np.prod([int(x) for x in dims.split(",") if x] or [1]))
+           for r in reduces for dims in re.findall(r"f32\[([\d,]*)\]", r)]
+  assert max(sizes) == algo.fragment_numel[0]   # the fragment's fp32 outer gradient, once
+  assert algo.bits_sent(4) == 2 * (M - 1) * algo.fragment_numel[0] * 32 // M

@@ -5,7 +5,7 @@ Run book:
   tiny (the README's main job; 2 CPU cores, ~1-2 minutes, 4 simulated workers, synthetic data):
     python -m diloco_jax.main --config=experiments/configs/streaming.py:tiny --workdir=runs/streaming
     Summary: final eval loss next to the entropy floor, bits sent per worker next to what
-    data-parallel training of the same model would send (about 40x more at these settings).
+    data-parallel training of the same model would send (about 100x more at these settings).
   paper (Streaming DiLoCo's main setting: M=2, strided 3-block fragments, τ=1, E3M0, H=100,
     outer lr 0.4) on the 35M model; needs an accelerator and a text corpus:
     ... --config=experiments/configs/streaming.py:paper --config.data.paths="('corpus/*.txt',)"
