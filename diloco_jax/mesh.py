@@ -20,11 +20,19 @@ AXES = (WORKER, DATA, MODEL)
 
 
 def set_cpu_device_count(n: int) -> None:
-  """Asks XLA for `n` simulated host devices. Must run before JAX initialises its backends."""
-  flag = f"--xla_force_host_platform_device_count={n}"
+  """Asks XLA for `n` simulated host devices. Must run before JAX initialises its backends.
+
+  Also turns off Eigen's intra-op thread pool on CPU (unless XLA_FLAGS already says otherwise):
+  the simulated devices already share the cores, so it buys nothing (same tokens/s on the
+  quick-start run), and a pool shared by every device's computations is a reported source of
+  wedged CPU programs; we saw one collective rendezvous time out with it on.
+  """
   flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
            if not f.startswith("--xla_force_host_platform_device_count")]
-  os.environ["XLA_FLAGS"] = " ".join(flags + [flag])
+  flags.append(f"--xla_force_host_platform_device_count={n}")
+  if not any(f.startswith("--xla_cpu_multi_thread_eigen") for f in flags):
+    flags.append("--xla_cpu_multi_thread_eigen=false")
+  os.environ["XLA_FLAGS"] = " ".join(flags)
   jax.config.update("jax_num_cpu_devices", n)
 
 
