@@ -67,10 +67,3 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
-
-def eval_sharding(mesh: Mesh, batch_size: int) -> NamedSharding:
-  """[N, B, L] held-out batches: the B sequences over every device of the mesh when they divide
-  evenly (evaluation is then not repeated on each device), else replicated."""
-  if batch_size % mesh.size == 0:
-    return NamedSharding(mesh, P(None, AXES))
-  return replicated(mesh)

@@ -315,7 +315,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, stop_after: int | None 
   eval_it = data.make_batches(eval_source, num_workers=1, batch_size=rc.eval_batch_size,
                               seq_len=rc.seq_len, seed=rc.seed, split="eval")
   eval_set = jax.device_put(np.stack([next(eval_it)[0] for _ in range(rc.eval_batches)]),
-                            mesh_lib.eval_sharding(mesh, rc.eval_batch_size))
+                            mesh_lib.replicated(mesh))
   evaluate = _eval_fn(rc.model)
   floor = data.entropy_floor(source)
 

@@ -322,31 +322,41 @@ def test_packed_wire_hlo_moves_low_bit_payload_and_bits_match_metrics():
 
 # ---------------------------------------------------------------------- the host never waits
 @contextlib.contextmanager
-def no_host_reads():
+def no_host_reads(waited: list):
   """Fails any read of a device value on the host (float(), np.asarray, .item(), printing...),
-  all of which go through ArrayImpl._value, and any block_until_ready. (On CPU the device-to-host
-  transfer guard does not fire: device memory is host memory.)"""
+  all of which go through ArrayImpl._value, and records every block_until_ready. (On CPU the
+  device-to-host transfer guard does not fire: device memory is host memory.)"""
   def refuse(*_, **__):
     raise AssertionError("the host loop read a device value")
+  original = array_impl.ArrayImpl.block_until_ready
+
+  def record(self):
+    waited.append(self)
+    return original(self)
   with mock.patch.object(array_impl.ArrayImpl, "_value", property(refuse)), \
-       mock.patch.object(array_impl.ArrayImpl, "block_until_ready", refuse):
+       mock.patch.object(array_impl.ArrayImpl, "block_until_ready", record):
     yield
 
 
-def test_host_loop_never_reads_device_values():
+def test_host_loop_never_reads_device_values_and_runs_two_steps_ahead():
   """The steady-state loop (inner steps, sends in flight, merges, quantization, error feedback)
-  only dispatches: nothing in it waits for a device value."""
+  only dispatches: it reads no device value, and the only wait is the dispatch bound's, on the
+  inner step two steps back (never the step just dispatched)."""
   M, H = 2, 4
   algo = _streaming(M, H, tau=2, alpha=0.5, codec="fp4_e3m0", error_feedback=True)
   bs = [jax.device_put(b, mesh_lib.batch_sharding(algo.mesh)) for b in toy.batches(4 * H, M)]
   state = algo.init(toy.init_params())
   for t in range(1, 2 * H + 1):   # compile everything first
     state, _ = algo.step(state, bs[t - 1], t)
-  with no_host_reads():
+  waited, losses = [], {}
+  with no_host_reads(waited):
     for t in range(2 * H + 1, 4 * H + 1):
       state, metrics = algo.step(state, bs[t - 1], t)
+      losses[t] = metrics["loss"]
     with pytest.raises(AssertionError, match="read a device value"):
       float(metrics["loss"][0])   # the guard does catch a read
+  # Waits at t = 2H+1, 2H+2 are on steps 2H−1, 2H (before the guard); then on t − 2.
+  assert [id(w) for w in waited[2:]] == [id(losses[t - 2]) for t in range(2 * H + 3, 4 * H + 1)]
   assert np.isfinite(np.asarray(metrics["loss"])).all()
 
 
