@@ -15,7 +15,7 @@ def _plain(v):
   if isinstance(v, (np.generic, np.ndarray)):
     v = v.tolist()
   if isinstance(v, float) and not math.isfinite(v):
-    return None if math.isnan(v) else (1e309 if v > 0 else -1e309)
+    return None   # JSON has no NaN/inf: a diverged value is written as null
   return v
 
 

@@ -224,3 +224,15 @@ def test_invalid_streaming_config_is_one_clear_sentence(tmp_path, overrides, key
   cfg = _add_streaming_keys(streaming_config(**overrides), **keys)
   with pytest.raises(train.ConfigError, match=message):
     train.run(cfg, str(tmp_path))
+
+
+def test_metrics_writer_writes_non_finite_values_as_null_and_truncates_on_resume(tmp_path):
+  from diloco_jax import metrics
+  w = metrics.MetricsWriter(str(tmp_path), tensorboard=False)
+  w.write(1, {"train_loss": float("nan"), "x": float("inf"), "y": 2.5})
+  w.write(2, {"train_loss": 1.0})
+  w.close()
+  assert _rows(str(tmp_path)) == [{"step": 1, "train_loss": None, "x": None, "y": 2.5},
+                                  {"step": 2, "train_loss": 1.0}]
+  metrics.MetricsWriter(str(tmp_path), resume_step=1, tensorboard=False).close()
+  assert [r["step"] for r in _rows(str(tmp_path))] == [1]
