@@ -383,11 +383,16 @@ class _SyntheticSequences:
     return self._language.sample(rng, self._length)
 
 
-def _worker_major(num_workers: int, batch_size: int, elements: Sequence[np.ndarray]) -> np.ndarray:
-  """Stacks ``M*B`` stream elements as ``[M, B, L+1]``: element ``j`` goes to worker ``j % M``."""
-  x = np.stack(elements)
-  x = x.reshape(batch_size, num_workers, x.shape[-1]).transpose(1, 0, 2)
-  return np.ascontiguousarray(x)
+def _select_workers(
+  elements, num_workers: int, batch_size: int, workers: tuple[int, ...], step: int
+) -> np.ndarray:
+  """Step ``step``'s rows for `workers` as ``[len(workers), B, L+1]``: stream position
+  ``step*M*B + b*M + m`` is worker ``m``'s row ``b``. Only those positions are read, so a
+  process that feeds some of the workers never touches the others' shards."""
+  base = step * num_workers * batch_size
+  return np.stack([
+    np.stack([elements[base + b * num_workers + m] for b in range(batch_size)]) for m in workers
+  ])
 
 
 class WorkerBatches:
@@ -447,6 +452,7 @@ def make_batches(
   seq_len: int,
   seed: int,
   split: str = "train",
+  workers: Sequence[int] | None = None,
   num_threads: int = 2,
   prefetch_batches: int = 2,
 ) -> WorkerBatches:
@@ -469,6 +475,10 @@ def make_batches(
     seq_len: ``L``, tokens each sequence predicts (arrays carry ``L + 1`` tokens).
     seed: non-negative integer; the same arguments always give the same stream.
     split: ``"train"`` or ``"eval"`` (held out, disjoint from train).
+    workers: the workers this process feeds (ascending, contiguous not required); default all.
+      Batches are then ``[len(workers), B, L+1]``, exactly those rows of the full batch, and only
+      their stream positions are read. The iterator state does not depend on it, so a checkpoint
+      restores onto any split of the workers over processes.
     num_threads: grain prefetch threads (0 reads synchronously in the caller's thread).
     prefetch_batches: whole ``[M, B, L+1]`` batches grain prepares ahead.
 
@@ -484,6 +494,11 @@ def make_batches(
     num_threads=_check_int("num_threads", num_threads, 0),
     prefetch_buffer_size=_check_int("prefetch_batches", prefetch_batches, 0),
   )
+  local = tuple(range(m)) if workers is None else tuple(int(w) for w in workers)
+  if not local or list(local) != sorted(set(local)) or not all(0 <= w < m for w in local):
+    raise ValueError(
+      f"workers must be distinct ascending worker indices in [0, {m}), got {workers!r}."
+    )
   shape = f"M={m},B={b},L={seq_len},seed={seed},split={split}"
   if isinstance(source, SyntheticLanguage):
     elements = _SyntheticSequences(source, seq_len + 1, seed, _SPLIT_ID[split])
@@ -503,7 +518,8 @@ def make_batches(
     raise TypeError(
       f"source must be a SyntheticLanguage or TextBytes, got {type(source).__name__}."
     )
-  ds = ds.batch(m * b, drop_remainder=True, batch_fn=functools.partial(_worker_major, m, b))
+  steps = grain.MapDataset.range(len(ds) // (m * b))
+  ds = steps.map(functools.partial(_select_workers, ds, m, b, local))
   return WorkerBatches(ds, pipeline, read_options)
 
 

@@ -1,8 +1,17 @@
 """Device meshes with the axis names WORKER, DATA and MODEL.
 
-The worker axis carries the DiLoCo replicas (M). On CPU the devices are simulated XLA host
-devices; on a multislice TPU the worker axis is the slow data-centre-network axis. Only this
-module spells the axis names.
+The worker axis carries the DiLoCo replicas (M); it is the axis that may cross the slow network.
+`device_grid` decides which device sits where:
+
+* one granule (one process of simulated CPU devices, one GPU node, one TPU slice): the workers
+  split the granule's devices (TPU: along its physical torus, `mesh_utils.create_device_mesh`);
+* several granules (TPU slices by `slice_index`, else processes by `process_index`: GPU nodes,
+  CPU processes): the worker axis goes over the granules (the DCN / inter-node network) with
+  `mesh_utils.create_hybrid_device_mesh`, and a worker's data and model axes stay inside its
+  granule. With more granules than workers, each worker spans G/M granules and its data axis
+  crosses them.
+
+Only this module spells the axis names.
 """
 
 from __future__ import annotations
@@ -11,6 +20,7 @@ import os
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 WORKER = "worker"
@@ -43,15 +53,73 @@ def worker_axis_size(num_workers: int, num_devices: int, data: int = 1, model: i
   return max(d for d in range(1, num_workers + 1) if num_workers % d == 0 and d <= fit)
 
 
+def _granules(devices) -> tuple[str | None, list[list]]:
+  """Groups devices by the slow-network unit: TPU slice if there are several, else process if
+  there are several (GPU nodes, CPU processes), else one group."""
+  for attr in ("slice_index", "process_index"):
+    keys = sorted({getattr(d, attr, 0) for d in devices})
+    if len(keys) > 1:
+      return attr, [[d for d in devices if getattr(d, attr) == k] for k in keys]
+  return None, [list(devices)]
+
+
+def device_grid(num_workers: int, data: int = 1, model: int = 1, devices=None) -> np.ndarray:
+  """The [worker, data, model] array of devices for M workers (see the module docstring).
+
+  Works on any objects with JAX's device attributes (`platform`, `process_index`, and for TPU
+  `slice_index`, `coords`, `core_on_chip`, `device_kind`), so it is tested on fake topologies.
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  per_worker = data * model
+  attr, groups = _granules(devices)
+  if attr is None:   # one slice / node / process: the workers share it
+    w = worker_axis_size(num_workers, len(devices), data, model)
+    n = w * per_worker
+    if n > len(devices):
+      raise ValueError(f"mesh needs data*model={per_worker} devices per worker but only "
+                       f"{len(devices)} devices exist")
+    if devices[0].platform == "tpu" and n == len(devices):
+      return mesh_utils.create_device_mesh((w, data, model), devices)
+    return np.asarray(devices[:n], dtype=object).reshape(w, data, model)
+  g, size = len(groups), len(groups[0])
+  name = "slice" if attr == "slice_index" else "process"
+  names = "slices" if attr == "slice_index" else "processes"
+  if any(len(x) != size for x in groups):
+    raise ValueError(f"every {name} must have the same number of devices, got "
+                     f"{[len(x) for x in groups]}")
+  if num_workers % g == 0:   # k workers per granule, the worker axis over the slow network
+    k = num_workers // g
+    w_in = worker_axis_size(k, size, data, model)
+    if w_in * per_worker != size:
+      raise ValueError(
+          f"each {name} has {size} devices but its {k} worker(s) with mesh.data={data} and "
+          f"mesh.model={model} fill {w_in * per_worker}; choose mesh.data*mesh.model so that "
+          f"a {name}'s devices are all used")
+    ici, dcn = (w_in, data, model), (g, 1, 1)
+  elif g % num_workers == 0:   # each worker spans g/M granules; its data axis crosses them
+    span = g // num_workers
+    if data % span or (data // span) * model != size:
+      raise ValueError(
+          f"{num_workers} workers over {g} {names} of {size} devices: each worker spans {span} "
+          f"{names}, so mesh.data must be {span * size // model} (mesh.model={model}), "
+          f"got {data}")
+    ici, dcn = (1, data // span, model), (num_workers, span, 1)
+  else:
+    raise ValueError(f"M={num_workers} workers cannot be spread evenly over {g} {names}: "
+                     f"M must divide or be a multiple of the {name} count")
+  return mesh_utils.create_hybrid_device_mesh(
+      ici, dcn, devices, process_is_granule=attr == "process_index")
+
+
 def make_mesh(num_workers: int, data: int = 1, model: int = 1, devices=None) -> Mesh:
   """A (worker, data, model) mesh for M workers over the given (default: all) devices."""
-  devices = list(jax.devices() if devices is None else devices)
-  w = worker_axis_size(num_workers, len(devices), data, model)
-  n = w * data * model
-  if n > len(devices):
-    raise ValueError(f"mesh needs data*model={data * model} devices per worker but only "
-                     f"{len(devices)} devices exist")
-  return Mesh(np.asarray(devices[:n]).reshape(w, data, model), AXES)
+  return Mesh(device_grid(num_workers, data, model, devices), AXES)
+
+
+def local_workers(mesh: Mesh, num_workers: int) -> tuple[int, ...]:
+  """The workers whose data this process feeds: those with a shard on its devices."""
+  idx = NamedSharding(mesh, P(WORKER)).addressable_devices_indices_map((num_workers,))
+  return tuple(sorted({w for s in idx.values() for w in range(num_workers)[s[0]]}))
 
 
 def worker_sharding(mesh: Mesh, ndim_after: int = 0) -> NamedSharding:

@@ -318,6 +318,31 @@ def test_english_pd_smoke():
 # ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("workers", [(0,), (1, 2), (0, 3), (3,)])
+def test_worker_subset_reads_exactly_those_rows_and_resumes_like_the_full_stream(
+  lang, numbered_file, workers
+):
+  # A process feeding some workers (multi-process runs) gets those rows of the full batch, and
+  # the iterator state is interchangeable with the full iterator's (a checkpoint written by one
+  # process layout restores onto another).
+  for src in (lang, data.TextBytes(str(numbered_file), SEQ_LEN, heldout_fraction=0.1)):
+    kw = dict(num_workers=4, batch_size=2, seq_len=SEQ_LEN, seed=3)
+    full = _take(data.make_batches(src, **kw), 3)
+    part_it = data.make_batches(src, workers=workers, **kw)
+    part = _take(part_it, 2)
+    for f, p in zip(full, part):
+      np.testing.assert_array_equal(p, f[list(workers)])
+    resumed = data.make_batches(src, **kw)
+    resumed.set_state(part_it.get_state())
+    np.testing.assert_array_equal(next(resumed), full[2])
+
+
+@pytest.mark.parametrize("workers", [(), (1, 0), (0, 4), (-1,), (2, 2)])
+def test_worker_subset_must_be_valid(lang, workers):
+  with pytest.raises(ValueError, match=r"workers must be distinct ascending worker indices in \[0, 4\)"):
+    data.make_batches(lang, num_workers=4, batch_size=1, seq_len=4, seed=0, workers=workers)
+
+
 @pytest.mark.parametrize(
   "override,match",
   [
