@@ -24,7 +24,9 @@ class Checkpointer:
     self._manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
-        item_names=("state", "data"),
+        # Handlers named up front, so metadata can be read before any save or restore.
+        item_handlers={"state": ocp.StandardCheckpointHandler(),
+                       "data": ocp.JsonCheckpointHandler()},
     )
 
   def latest_step(self) -> int | None:
@@ -43,9 +45,13 @@ class Checkpointer:
     return out["state"], out["data"]
 
   def restore_saved(self, step: int) -> tuple[Any, dict]:
-    """Restores the tree exactly as saved (host arrays), without a target: for inspection."""
+    """Restores the tree as saved, without a target, onto this process's first device (whatever
+    devices or process count wrote it): for inspection and evaluation."""
+    meta = self._manager.item_metadata(step)["state"]
+    one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one), meta)
     out = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(), data=ocp.args.JsonRestore()))
+        state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
     return out["state"], out["data"]
 
   def wait(self) -> None:

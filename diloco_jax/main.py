@@ -1,7 +1,9 @@
 """Entry point: python -m diloco_jax.main --config=experiments/configs/diloco.py:tiny --workdir=DIR
 
 Flags -> train.run(config, workdir). Sets the number of simulated CPU devices from the config
-before JAX starts, so users never have to.
+before JAX starts, so users never have to. The same command is every process of a multi-process
+run (launch/local.sh, TPU VMs, SLURM): it joins `jax.distributed` when flags, environment or the
+cluster say there are several processes (see distributed.py), and is unchanged for one.
 """
 
 import sys
@@ -9,43 +11,55 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from diloco_jax.cli import parse_flags
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path[:arg]).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and the summary go.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0 in a multi-process run "
+    "(default: $JAX_COORDINATOR_ADDRESS, or the cluster's own when JAX detects one).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the run "
+                                      "(default: $JAX_NUM_PROCESSES or detected).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0-based "
+                                   "(default: $JAX_PROCESS_ID or detected).")
+_HEARTBEAT = flags.DEFINE_integer(
+    "heartbeat_timeout_s", 100, "A process silent this long is declared dead and every other "
+    "process exits with an error (instead of waiting in a collective forever).", lower_bound=1)
+_LOG_ALL = flags.DEFINE_bool("log_all_processes", False,
+                             "Every process prints its own progress lines (default: process 0).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from diloco_jax import mesh, train  # noqa: PLC0415  (after flags, before JAX's backends start)
+  # After flags, before JAX's backends start:
+  from diloco_jax import distributed, mesh, train  # noqa: PLC0415
   config = _CONFIG.value
   logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
-  mesh.set_cpu_device_count(train.cpu_devices_for(config))
   try:
-    summary = train.run(config, _WORKDIR.value)
+    group = distributed.resolve(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  except ValueError as e:
+    print(f"flag error: {e}", file=sys.stderr)
+    return 2
+  num_processes = group.num_processes if group is not None and group.num_processes else 1
+  devices = train.cpu_devices_for(config)
+  if devices % num_processes:
+    print(f"config error: the {devices} simulated CPU devices (mesh.num_cpu_devices, or "
+          f"M * mesh.data * mesh.model) must split evenly over {num_processes} processes",
+          file=sys.stderr)
+    return 2
+  distributed.initialize(group, heartbeat_timeout_s=_HEARTBEAT.value)
+  mesh.set_cpu_device_count(devices // num_processes)   # CPU only: devices of this process
+  try:
+    summary = train.run(config, _WORKDIR.value, log_all_processes=_LOG_ALL.value)
   except train.ConfigError as e:
     print(f"config error: {e}", file=sys.stderr)
     return 2
-  print(train.format_summary(summary))
+  if distributed.is_primary():
+    print(train.format_summary(summary))
   return 0
-
-
-def parse_flags(argv):
-  """absl's parser, but an override of a key the config does not have (which ml_collections
-  reports as a KeyError/AttributeError deep inside flag parsing) becomes one sentence."""
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    lines = [line for line in str(e).splitlines() if line.strip()]
-    # A failing get_config() arrives with its traceback inside the message: keep the last line.
-    msg = lines[-1] if any("Traceback" in line for line in lines) else " ".join(lines)
-    print(f"flag error: {msg}", file=sys.stderr)
-  except (KeyError, AttributeError) as e:
-    msg = str(e.args[0] if e.args else e).replace("\\n", " ").replace("\n", " ")
-    msg = msg.replace("\\", "").replace("'", "").strip('"')
-    print(f"config error: the config has no key {msg}", file=sys.stderr)
-  sys.exit(2)
 
 
 if __name__ == "__main__":

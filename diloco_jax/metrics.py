@@ -64,8 +64,9 @@ def _truncate_after(path: str, step: int) -> None:
 class Progress:
   """`step 120/300 | loss 3.412 | eval 3.398 | 41.2k tok/s | ETA 0:00:12` on stderr."""
 
-  def __init__(self, total_steps: int, start_step: int = 0, stream=sys.stderr):
+  def __init__(self, total_steps: int, start_step: int = 0, stream=sys.stderr, prefix: str = ""):
     self.total = total_steps
+    self.prefix = prefix   # e.g. "[process 1] " when every process prints its own line
     self.start_step = start_step
     self.t0 = time.perf_counter()
     self.stream = stream
@@ -78,7 +79,7 @@ class Progress:
     if eval_loss is not None:
       parts.append(f"eval {eval_loss:.4f}")
     parts += [f"{tokens_per_s / 1e3:.1f}k tok/s", f"ETA {_hms(eta)}"]
-    print(" | ".join(parts), file=self.stream, flush=True)
+    print(self.prefix + " | ".join(parts), file=self.stream, flush=True)
 
 
 def _hms(seconds: float) -> str:

@@ -275,18 +275,40 @@ def _eval_fn(model_cfg: model_lib.ModelConfig):
   return jax.jit(mean_loss)
 
 
-def _fetch(values: dict) -> dict:
-  """Device metrics -> floats (the one place the loop reads device values)."""
+@functools.lru_cache(maxsize=None)
+def _replicator(mesh):
+  return jax.jit(lambda tree: tree, out_shardings=mesh_lib.replicated(mesh))
+
+
+def _fetch(values: dict, mesh) -> dict:
+  """Device metrics -> floats (the one place the loop reads device values). Per-worker values
+  spread over processes are first gathered onto every device (one small program)."""
+  if any(not v.is_fully_addressable for v in values.values() if isinstance(v, jax.Array)):
+    values = _replicator(mesh)(values)
   out = {}
   for k, v in jax.device_get(values).items():
-    v = np.asarray(v)
-    out[k] = float(v.mean()) if v.size > 1 else float(v)
+    out[k] = float(np.mean(v))   # per-worker values [M] -> their mean (also for M = 1)
   return out
 
 
 # ------------------------------------------------------------------------------------- run
-def run(config: ml_collections.ConfigDict, workdir: str, stop_after: int | None = None) -> dict:
+def _process_batch_rows(sharding, shape) -> tuple[tuple[int, ...], slice]:
+  """The workers (and, when a worker spans processes, the rows of its batch) this process feeds:
+  the box of the global [M, B, L+1] batch that its devices hold."""
+  idx = sharding.addressable_devices_indices_map(shape).values()
+  workers = sorted({w for s in idx for w in range(shape[0])[s[0]]})
+  rows = sorted({r for s in idx for r in range(shape[1])[s[1]]})
+  return tuple(workers), slice(rows[0], rows[-1] + 1)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, stop_after: int | None = None,
+        log_all_processes: bool = False) -> dict:
   """Trains (or resumes) as the config says; returns the summary (also WORKDIR/summary.json).
+
+  In a multi-process run (after `distributed.initialize`) every process calls this with the same
+  arguments: each feeds its own workers, all write their checkpoint shards, and process 0 alone
+  writes metrics, progress and the summary (every process prints progress with
+  `log_all_processes`).
 
   `stop_after` ends the run after that step, as a preemption would (tests use it): checkpoints
   saved so far are kept, no summary is written, and running again resumes.
@@ -303,23 +325,37 @@ def run(config: ml_collections.ConfigDict, workdir: str, stop_after: int | None 
   if rc.algorithm == "streaming":   # validate fragments on shapes only, before compiling
     make_fragments(rc, jax.eval_shape(functools.partial(model_lib.init_params, rc.model),
                                       init_key))
-  mesh = mesh_lib.make_mesh(rc.M, rc.mesh_data, rc.mesh_model)
-  params = model_lib.init_params(rc.model, init_key)
+  try:
+    mesh = mesh_lib.make_mesh(rc.M, rc.mesh_data, rc.mesh_model)
+  except ValueError as e:
+    raise ConfigError(f"mesh: {e}") from None
+  primary = jax.process_index() == 0
+  # Built under jit straight into the replicated layout, so every process holds its part of the
+  # same global array (a process cannot device_put onto another's devices).
+  params = jax.jit(functools.partial(model_lib.init_params, rc.model),
+                   out_shardings=mesh_lib.replicated(mesh))(init_key)
   algo = make_algorithm(rc, mesh, params)
   state = algo.init(params, algo_key)
   numel = sum(x.size for x in jax.tree.leaves(params))
   del params
 
+  batch_sharding = mesh_lib.batch_sharding(mesh)
+  batch_shape = (rc.M, rc.batch_size, rc.seq_len + 1)
+  my_workers, my_rows = _process_batch_rows(batch_sharding, batch_shape)
   train_it = data.make_batches(source, num_workers=rc.M, batch_size=rc.batch_size,
-                               seq_len=rc.seq_len, seed=rc.seed, split="train")
+                               seq_len=rc.seq_len, seed=rc.seed, split="train",
+                               workers=my_workers)
   eval_it = data.make_batches(eval_source, num_workers=1, batch_size=rc.eval_batch_size,
                               seq_len=rc.seq_len, seed=rc.seed, split="eval")
-  eval_set = jax.device_put(np.stack([next(eval_it)[0] for _ in range(rc.eval_batches)]),
-                            mesh_lib.replicated(mesh))
+  eval_set = jax.make_array_from_process_local_data(
+      mesh_lib.replicated(mesh), np.stack([next(eval_it)[0] for _ in range(rc.eval_batches)]))
   evaluate = _eval_fn(rc.model)
   floor = data.entropy_floor(source)
 
   os.makedirs(workdir, exist_ok=True)
+  if primary:   # what the run was (evals rebuild the model from it)
+    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+      f.write(config.to_json_best_effort(indent=2))
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=rc.ckpt_keep)
   start = ckpt.latest_step() or 0
   restored_sync = {}
@@ -327,10 +363,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, stop_after: int | None 
     state, host_state = ckpt.restore(start, state)
     train_it.set_state(host_state["data_iterator"])
     restored_sync = host_state["sync_diagnostics"]
-    print(f"resumed from step {start} in {workdir}", flush=True)
-  writer = metrics_lib.MetricsWriter(workdir, resume_step=start)
-  progress = metrics_lib.Progress(rc.num_steps, start)
-  batch_sharding = mesh_lib.batch_sharding(mesh)
+    if primary:
+      print(f"resumed from step {start} in {workdir}", flush=True)
+  writer = metrics_lib.MetricsWriter(workdir, resume_step=start) if primary else None
+  progress = metrics_lib.Progress(
+      rc.num_steps, start, prefix=f"[process {jax.process_index()}] " if log_all_processes
+      else "") if primary or log_all_processes else None
   tokens_per_step = rc.M * rc.batch_size * rc.seq_len
   # Bits are a deterministic function of the static schedule: recomputed, not checkpointed.
   bits = sum(algo.bits_sent(s) for s in range(1, start + 1))
@@ -343,20 +381,24 @@ def run(config: ml_collections.ConfigDict, workdir: str, stop_after: int | None 
   def flush(pending):
     nonlocal t_log, last_log_step
     step, dev, host = pending
-    vals = _fetch(dev)
+    vals = _fetch(dev, mesh)
     now = time.perf_counter()
     tps = tokens_per_step * (step - last_log_step) / max(now - t_log, 1e-9)
     t_log, last_log_step = now, step
     row = {"train_loss": vals.pop("loss"), **({"eval_loss": vals.pop("eval_loss")}
                                                if "eval_loss" in vals else {}), **vals, **host,
            "tokens_per_s": tps}
-    writer.write(step, row)
-    progress.line(step, row["train_loss"], tps, row.get("eval_loss"))
+    if writer is not None:
+      writer.write(step, row)
+    if progress is not None:
+      progress.line(step, row["train_loss"], tps, row.get("eval_loss"))
     return {"step": step, **row}
 
   last_row, latest_sync = None, dict(restored_sync)
   for t in range(start + 1, rc.num_steps + 1):
-    batch = jax.device_put(next(train_it), batch_sharding)
+    # This process's rows only; the global [M, B, L+1] array is assembled from every process's.
+    batch = jax.make_array_from_process_local_data(
+        batch_sharding, next(train_it)[:, my_rows], batch_shape)
     state, m = algo.step(state, batch, t)
     bits += algo.bits_sent(t)
     # Sync diagnostics come from the steps that send; keep the latest per fragment (still on
@@ -377,12 +419,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, stop_after: int | None 
       # The host-side state: the data position and the latest sync diagnostics (floats, read
       # here where orbax copies the state to the host anyway), so a resumed run logs the same.
       ckpt.save(t, state, {"data_iterator": train_it.get_state(),
-                           "sync_diagnostics": _fetch(latest_sync)})
+                           "sync_diagnostics": _fetch(latest_sync, mesh)})
     if stop_after is not None and t >= stop_after and not final:
       if pending is not None:
         flush(pending)
       for closeable in (ckpt, writer, train_it, eval_it):
-        closeable.close()
+        if closeable is not None:
+          closeable.close()
       return {"stopped_at": t}
   if pending is not None:
     last_row = flush(pending)
@@ -408,11 +451,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, stop_after: int | None 
       "num_params": numel,
   }
   ckpt.close()
-  writer.close()
   train_it.close()
   eval_it.close()
-  with open(os.path.join(workdir, "summary.json"), "w", encoding="utf-8") as f:
-    json.dump(summary, f, indent=2)
+  if writer is not None:
+    writer.close()
+    with open(os.path.join(workdir, "summary.json"), "w", encoding="utf-8") as f:
+      json.dump(summary, f, indent=2)
   return summary
 
 
