@@ -24,9 +24,12 @@ PY=${PYTHON:-.venv/bin/python}
 HB=${LOCAL_HEARTBEAT_S:-10}
 PORT=${LOCAL_PORT:-$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
 
-cmd_for() {  # the exact command of process $1
-  echo "$PY" -u -m diloco_jax.main --coordinator_address=127.0.0.1:"$PORT" --num_processes="$N" \
-    --process_id="$1" --heartbeat_timeout_s="$HB" "${ARGS[@]}"
+source launch/lib.sh   # shq
+cmd_for() {  # the exact command of process $1, quoted for a shell
+  local w out="$PY -u -m diloco_jax.main --coordinator_address=127.0.0.1:$PORT"
+  out+=" --num_processes=$N --process_id=$1 --heartbeat_timeout_s=$HB"
+  for w in "${ARGS[@]}"; do out+=" $(shq "$w")"; done
+  echo "$out"
 }
 if [ $DRY = 1 ]; then
   for ((i = 0; i < N; i++)); do echo "$(cmd_for $i)"; done

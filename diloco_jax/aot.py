@@ -1,0 +1,162 @@
+"""Ahead-of-time check: does a config fit its target devices? Nothing is allocated or trained.
+
+  python -m diloco_jax.aot --config=experiments/configs/streaming.py:paper \
+      --config.model.preset=1B --config.mesh.data=4 --devices=8 --hbm_gib=16
+
+On simulated CPU devices shaped like the target mesh (M workers x mesh.data x mesh.model), it
+builds the training state abstractly, lowers and compiles the programs of one outer round (the
+inner step, and each fragment's send/sync/receive), and prints per device:
+
+* the state each device holds, field by field (exact: from the shardings): per-worker params and
+  inner optimizer state, the outer params and outer optimizer state (replicated), in-flight
+  outer gradients, quantizer residuals;
+* each compiled program's temporary memory (XLA:CPU's buffer assignment: activations and
+  gradients; a TPU or GPU compiler fuses and rematerialises differently, so treat it as an
+  estimate) and compile time;
+* the peak estimate, state + batch + the largest temporary, against `--hbm_gib`.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import sys
+import time
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from diloco_jax.cli import parse_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path[:arg]).",
+                                          lock_config=True)
+_DEVICES = flags.DEFINE_integer("devices", 0, "Simulated devices (0: M * mesh.data * "
+                                "mesh.model, one mesh's worth).", lower_bound=0)
+_HBM = flags.DEFINE_float("hbm_gib", 0.0, "Memory per device to check against, GiB "
+                          "(e.g. 16 for TPU v5e, 95 for v5p, 80 for H100); 0: no verdict.",
+                          lower_bound=0.0)
+_JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of the table.")
+flags.mark_flags_as_required(["config"])
+
+GIB = 2**30
+
+
+def _bytes_per_device(tree) -> int:
+  """Bytes one device holds of an abstract tree with shardings (the largest device's share)."""
+  import jax  # noqa: PLC0415
+  total = 0
+  for x in jax.tree.leaves(tree):
+    shard = x.sharding.shard_shape(x.shape)
+    total += math.prod(shard) * x.dtype.itemsize
+  return total
+
+
+def _with_shardings(abstract, shardings):
+  import jax  # noqa: PLC0415
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      abstract, shardings)
+
+
+def _compile(name: str, fn, *args) -> dict:
+  t0 = time.perf_counter()
+  compiled = fn.lower(*args).compile()
+  seconds = time.perf_counter() - t0
+  mem = compiled.memory_analysis()
+  return {"program": name, "compile_s": seconds,
+          "temp_bytes": int(getattr(mem, "temp_size_in_bytes", 0)),
+          "argument_bytes": int(getattr(mem, "argument_size_in_bytes", 0)),
+          "output_bytes": int(getattr(mem, "output_size_in_bytes", 0))}
+
+
+def check(config, hbm_gib: float = 0.0) -> dict:
+  """The report as a dict (JAX must already have the simulated devices)."""
+  import jax  # noqa: PLC0415
+
+  from diloco_jax import mesh as mesh_lib, model as model_lib, train  # noqa: PLC0415
+
+  rc = train.validate(config)
+  mesh = mesh_lib.make_mesh(rc.M, rc.mesh_data, rc.mesh_model)
+  key = jax.random.PRNGKey(rc.seed)
+  params = jax.eval_shape(functools.partial(model_lib.init_params, rc.model), key)
+  numel = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
+  algo = train.make_algorithm(rc, mesh, params)
+  init = jax.jit(algo.init).lower(params, key).compile()
+  state = _with_shardings(jax.eval_shape(algo.init, params, key), init.output_shardings)
+  batch = jax.ShapeDtypeStruct((rc.M, rc.batch_size, rc.seq_len + 1), jax.numpy.int32,
+                               sharding=mesh_lib.batch_sharding(mesh))
+
+  if rc.algorithm == "dp":
+    fields = {"params": state.params, "optimizer state": state.opt_state}
+    programs = [_compile("step", algo._step, state, batch)]
+  else:
+    fields = {"worker params": state.local_params, "inner optimizer state": state.inner_opt_state,
+              "outer params": state.outer_params, "outer optimizer state": state.outer_opt_state,
+              "in-flight outer gradients": state.inflight, "quantizer residuals": state.residual}
+    programs = [_compile("inner step", algo._inner_step, state.step, state.local_params,
+                         state.inner_opt_state, batch)]
+    f = algo.fragments
+    for p in range(f.num_fragments):
+      outer_p, local_p = f.select(state.outer_params, p), f.select(state.local_params, p)
+      residual_p = ([state.residual[i] for i in f.leaf_indices(p)] if algo.error_feedback
+                    else [])
+      if algo.tau_first == 0:
+        programs.append(_compile(f"sync {p}", algo._sync[p], outer_p, local_p,
+                                 state.outer_opt_state[p], residual_p, state.rng))
+      else:
+        programs.append(_compile(f"send {p}", algo._send[p], outer_p, local_p, residual_p,
+                                 state.rng))
+        programs.append(_compile(f"receive {p}", algo._receive_first, outer_p, local_p,
+                                 state.outer_opt_state[p], state.inflight[p]))
+  state_bytes = {k: _bytes_per_device(v) for k, v in fields.items()}
+  batch_bytes = _bytes_per_device(batch)
+  peak = sum(state_bytes.values()) + batch_bytes + max(p["temp_bytes"] for p in programs)
+  out = {"algorithm": rc.algorithm, "num_params": numel, "num_workers": rc.M,
+         "mesh": dict(zip(mesh.axis_names, mesh.devices.shape)),
+         "devices": mesh.devices.size, "state_bytes_per_device": state_bytes,
+         "batch_bytes_per_device": batch_bytes, "programs": programs,
+         "peak_bytes_per_device": peak}
+  if hbm_gib:
+    out["hbm_gib"] = hbm_gib
+    out["fits"] = peak <= hbm_gib * GIB
+  return out
+
+
+def _size(n: int) -> str:
+  return f"{n / GIB:10.3f} GiB" if n >= GIB / 10 else f"{n / 2**20:10.3f} MiB"
+
+
+def format_report(r: dict) -> str:
+  mesh = " x ".join(f"{k}={v}" for k, v in r["mesh"].items())
+  lines = [f"{r['algorithm']}: {r['num_params']:,} params, M={r['num_workers']}, mesh {mesh} "
+           f"({r['devices']} devices)", "per device:"]
+  for k, v in r["state_bytes_per_device"].items():
+    lines.append(f"  {k:<28}{_size(v)}")
+  lines.append(f"  {'batch':<28}{_size(r['batch_bytes_per_device'])}")
+  for p in r["programs"]:
+    lines.append(f"  {'temp, ' + p['program']:<28}{_size(p['temp_bytes'])}"
+                 f"   (compiled in {p['compile_s']:.1f} s)")
+  lines.append(f"  {'peak estimate':<28}{_size(r['peak_bytes_per_device'])}")
+  if "fits" in r:
+    lines.append(f"  {'fits in ' + str(r['hbm_gib']) + ' GiB':<28}{'yes' if r['fits'] else 'NO'}")
+  return "\n".join(lines)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from diloco_jax import mesh as mesh_lib, train  # noqa: PLC0415
+  logging.set_verbosity(logging.WARNING)
+  config = _CONFIG.value
+  mesh_lib.set_cpu_device_count(_DEVICES.value or train.cpu_devices_for(config))
+  try:
+    report = check(config, _HBM.value)
+  except (train.ConfigError, ValueError) as e:
+    print(f"config error: {e}", file=sys.stderr)
+    return 2
+  print(json.dumps(report, indent=2) if _JSON.value else format_report(report))
+  return 0
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=parse_flags)
