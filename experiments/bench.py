@@ -1,0 +1,552 @@
+"""Data-parallel vs DiLoCo vs Streaming DiLoCo on one machine: throughput, compile time, state
+memory per device and achieved FLOP/s, all measured in one invocation and printed as ratios.
+
+Run book:
+  default (2 CPU cores, 4 simulated devices, the tiny model with 4 blocks; about 1-2 minutes):
+    .venv/bin/python experiments/bench.py
+  quick (seconds; what tests/test_bench.py runs):
+    .venv/bin/python experiments/bench.py --quick --json
+  a paper-size model on an accelerator, e.g. the 35M preset at sequence length 1,024:
+    .venv/bin/python experiments/bench.py --model=35M --num_layers=0 --vocab_size=0 \
+        --layers_per_fragment=3 --workers=2 --batch_size=4 --seq_len=1024
+
+What it measures (medians over --repeats; the methods' repetitions are interleaved, so a busy
+neighbour on a shared machine slows every method alike and the ratios stay meaningful):
+  throughput  tokens/s over whole H-step periods (inner steps plus every send, receive and sync
+              that falls in the period, through the public `step`), and of the inner-step program
+              alone; each as a ratio to data-parallel (goal: Streaming DiLoCo >= 0.95 of DP).
+  compile     seconds to lower and to compile each method's programs ahead of time (jax AOT).
+  memory      bytes of state every device holds (the addressable shards of each state field),
+              and each program's transient memory from the compiled `memory_analysis()`.
+  FLOP/s      the inner step's FLOPs per second, counted two ways (XLA's `cost_analysis()` of the
+              compiled program, and 6·N·tokens), as a fraction of a dense fp32 matmul's FLOP/s
+              measured on the same devices in the same process.
+
+On CPU, XLA runs one computation at a time (docs/design.md), so a send cannot overlap the next
+inner step here; the throughput ratio shows what the extra programs cost, not the overlap.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import statistics
+import sys
+import time
+
+from absl import app, flags, logging
+
+# Runs from a checkout as `python experiments/bench.py`, installed or not.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# These imports load jax but do not start its backends, so the device count set in main() holds.
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from diloco_jax import algorithm, fragments, inner, outer  # noqa: E402
+from diloco_jax import mesh as mesh_lib  # noqa: E402
+from diloco_jax import model as model_lib  # noqa: E402
+
+_MODEL = flags.DEFINE_string("model", "tiny", "model preset: tiny, or the paper family 35M ... 4B")
+_NUM_LAYERS = flags.DEFINE_integer("num_layers", 4, "transformer blocks; 0: the preset's")
+_VOCAB = flags.DEFINE_integer("vocab_size", 128, "vocabulary of the random tokens; 0: the preset's")
+_WORKERS = flags.DEFINE_integer("workers", 4, "M, workers (replicas)")
+_CPU_DEVICES = flags.DEFINE_integer("cpu_devices", 0, "simulated CPU devices; 0: one per worker")
+_BATCH = flags.DEFINE_integer("batch_size", 4, "sequences per worker per step (B)")
+_SEQ_LEN = flags.DEFINE_integer("seq_len", 64, "tokens per sequence (L)")
+_H = flags.DEFINE_integer("inner_steps", 20, "H, inner steps between two syncs of a fragment")
+_LPF = flags.DEFINE_integer("layers_per_fragment", 2, "blocks per Streaming DiLoCo fragment")
+_TAU = flags.DEFINE_integer("overlap_steps", 1, "τ, Streaming DiLoCo's overlap steps")
+_ALPHA = flags.DEFINE_float("merge_alpha", 0.5, "α, Streaming DiLoCo's merge weight")
+_CODEC = flags.DEFINE_string("codec", "fp4_e3m0", "Streaming DiLoCo's outer-gradient codec")
+_STEPS = flags.DEFINE_integer("steps", 0, "inner steps per timed repetition, rounded up to whole "
+                              "H-step periods for the period measurement; 0: H")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "timed repetitions per method (medians reported)")
+_MATMUL = flags.DEFINE_integer("matmul_size", 512, "n of the reference n x n fp32 matmul per "
+                               "device")
+_QUICK = flags.DEFINE_bool("quick", False, "tiny sizes that finish in seconds (explicit flags win)")
+_JSON = flags.DEFINE_bool("json", False, "print the report as one JSON object instead of text")
+
+# --quick replaces these defaults (a flag given on the command line still wins).
+QUICK = dict(num_layers=1, vocab_size=32, workers=2, batch_size=2, seq_len=8, inner_steps=2,
+             layers_per_fragment=1, repeats=2, matmul_size=64)
+
+METHODS = ("dp", "diloco", "streaming")
+GOAL = 0.95   # Streaming DiLoCo's throughput as a fraction of data-parallel's
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  model: str
+  num_layers: int
+  vocab_size: int
+  workers: int
+  cpu_devices: int
+  batch_size: int
+  seq_len: int
+  inner_steps: int
+  layers_per_fragment: int
+  overlap_steps: int
+  merge_alpha: float
+  codec: str
+  steps: int
+  repeats: int
+  matmul_size: int
+  quick: bool
+
+
+def settings_from_flags() -> Settings:
+  values = {}
+  for f in dataclasses.fields(Settings):
+    flag = flags.FLAGS[f.name]
+    quick = _QUICK.value and f.name in QUICK and not flag.present
+    values[f.name] = QUICK[f.name] if quick else flag.value
+  s = Settings(**values)
+  if s.steps == 0:
+    s = dataclasses.replace(s, steps=s.inner_steps)
+  if s.repeats < 1 or s.steps < 1:
+    raise app.UsageError("--repeats and --steps must be >= 1")
+  return s
+
+
+# ----------------------------------------------------------------------------------- methods
+class Runner:
+  """One method's algorithm, its live state and the host step counter t.
+
+  `programs` lists the jitted programs the method's `step` dispatches, with the arguments `step`
+  gives them, so they can be compiled ahead of time. It mirrors `StreamingDiLoCo.step` and
+  `DataParallel.step` (private members, on purpose: a benchmark of those programs has to name
+  them); if `step` changes what it passes, the warm-up's excess time in the report shows it.
+  """
+
+  def __init__(self, name: str, algo, params, rng):
+    self.name = name
+    self.algo = algo
+    self.state = algo.init(params, rng)
+    self.t = 0
+    # The same bound `step` keeps, for the loop that calls the inner-step program alone: an
+    # unbounded queue of collectives deadlocked XLA:CPU's simulated devices (docs/design.md).
+    self._bound = algorithm.DispatchBound(2)
+
+  @property
+  def is_dp(self) -> bool:
+    return isinstance(self.algo, algorithm.DataParallel)
+
+  def programs(self, batch) -> list[tuple[str, object, tuple]]:
+    a, s = self.algo, self.state
+    if self.is_dp:
+      return [("step", a._step, (s, batch))]
+    out = [("inner_step", a._inner_step, (s.step, s.local_params, s.inner_opt_state, batch))]
+    f = a.fragments
+    for p in range(f.num_fragments):
+      outer_p, local_p = f.select(s.outer_params, p), f.select(s.local_params, p)
+      residual_p = [s.residual[i] for i in f.leaf_indices(p)] if a.error_feedback else []
+      if a.tau_first == 0:
+        out.append((f"sync[{p}]", a._sync[p],
+                    (outer_p, local_p, s.outer_opt_state[p], residual_p, s.rng)))
+      else:
+        out.append((f"send[{p}]", a._send[p], (outer_p, local_p, residual_p, s.rng)))
+        out.append((f"receive[{p}]", a._receive_first,
+                    (outer_p, local_p, s.outer_opt_state[p], s.inflight[p])))
+    return out
+
+  def run_steps(self, n: int, batches: list) -> tuple[float, float]:
+    """n steps through the public `step` (syncs included): (wall, CPU) seconds, device work
+    included."""
+    jax.block_until_ready(self.state)
+    clock = _Clock()
+    for _ in range(n):
+      self.t += 1
+      self.state, _ = self.algo.step(self.state, batches[self.t % len(batches)], self.t)
+    jax.block_until_ready(self.state)
+    return clock.elapsed()
+
+  def run_inner_only(self, n: int, batches: list) -> tuple[float, float]:
+    """n calls of the inner-step program alone (for data-parallel that is its whole step)."""
+    a = self.algo
+    jax.block_until_ready(self.state)
+    clock = _Clock()
+    for i in range(n):
+      # The host's t stays put: `step` requires consecutive t, and the schedule (keyed on t)
+      # then simply resumes where the last period stopped.
+      batch = batches[i % len(batches)]
+      self._bound.wait()
+      if self.is_dp:
+        self.state, metrics = a._step(self.state, batch)
+        loss = metrics["loss"]
+      else:
+        s = self.state
+        step, local, inner_state, loss = a._inner_step(s.step, s.local_params, s.inner_opt_state,
+                                                       batch)
+        self.state = s.replace(step=step, local_params=local, inner_opt_state=inner_state)
+      self._bound.push(loss)
+    jax.block_until_ready(self.state)
+    self._bound.reset()
+    return clock.elapsed()
+
+
+class _Clock:
+  """Wall time, and the CPU time of every thread of this process (the simulated devices are
+  threads here). On a machine shared with other jobs, wall time depends on their load; CPU time
+  counts only our own work, so its ratios are the steadier cross-check."""
+
+  def __init__(self):
+    self.wall, self.cpu = time.perf_counter(), time.process_time()
+
+  def elapsed(self) -> tuple[float, float]:
+    return time.perf_counter() - self.wall, time.process_time() - self.cpu
+
+
+def build_runners(s: Settings, cfg: model_lib.ModelConfig, mesh, params, total_steps: int):
+  loss_fn = functools.partial(model_lib.loss_fn, cfg)
+  # The papers' optimizers; their hyperparameters do not change the cost of a step.
+  inner_opt = inner.inner_optimizer(3e-3, total_steps, warmup_steps=min(30, total_steps // 4))
+  outer_opt = outer.outer_optimizer("nesterov", 0.7, 0.9)
+  M, H = s.workers, s.inner_steps
+  algos = {
+      "dp": algorithm.DataParallel(loss_fn, inner_opt, num_workers=M, mesh=mesh),
+      "diloco": algorithm.DiLoCo(loss_fn, inner_opt, outer_opt, num_workers=M, inner_steps=H,
+                                 mesh=mesh),
+      "streaming": algorithm.StreamingDiLoCo(
+          loss_fn, inner_opt, outer_opt, num_workers=M, inner_steps=H, mesh=mesh,
+          fragments=lambda p: fragments.by_blocks(p, layers_per_fragment=s.layers_per_fragment),
+          overlap_steps=s.overlap_steps, merge_alpha=s.merge_alpha, codec=s.codec),
+  }
+  rng = jax.random.PRNGKey(1)
+  return {name: Runner(name, algo, params, rng) for name, algo in algos.items()}
+
+
+# ------------------------------------------------------------------------------- measurements
+def state_bytes(state) -> dict:
+  """Bytes each device holds, per state field: the sum of the fields' addressable shards.
+
+  Returns {"fields": {field: bytes on the fullest device}, "total": bytes on the fullest device,
+  "per_device": [total bytes of each device]}.
+  """
+  per_field, per_device = {}, {}
+  for field in dataclasses.fields(state):
+    on_device = bytes_by_device(getattr(state, field.name))
+    per_field[field.name] = max(on_device.values(), default=0)
+    for d, b in on_device.items():
+      per_device[d] = per_device.get(d, 0) + b
+  return {"fields": per_field, "total": max(per_device.values()),
+          "per_device": [per_device[d] for d in sorted(per_device)]}
+
+
+def bytes_by_device(tree) -> dict[int, int]:
+  """{device id: bytes of the tree's shards that device holds}."""
+  on_device = {}
+  for x in jax.tree.leaves(tree):
+    for shard in x.addressable_shards:
+      on_device[shard.device.id] = on_device.get(shard.device.id, 0) + shard.data.nbytes
+  return on_device
+
+
+def _flops(compiled) -> float | None:
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):   # older jax: one dict per program
+    cost = cost[0] if cost else None
+  return float(cost["flops"]) if cost and "flops" in cost else None
+
+
+def _memory(compiled) -> dict | None:
+  mem = compiled.memory_analysis()
+  if mem is None:
+    return None
+  keys = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes",
+          "temp_size_in_bytes", "generated_code_size_in_bytes")
+  return {k.replace("_size_in_bytes", ""): int(getattr(mem, k)) for k in keys}
+
+
+def compile_programs(runner: Runner, batch) -> list[dict]:
+  """Lowers and compiles every program of a method ahead of time (cold: nothing ran before)."""
+  rows = []
+  for name, fn, args in runner.programs(batch):
+    start = time.perf_counter()
+    lowered = fn.lower(*args)
+    lowered_at = time.perf_counter()
+    compiled = lowered.compile()
+    done = time.perf_counter()
+    rows.append({"name": name, "lower_s": lowered_at - start, "compile_s": done - lowered_at,
+                 "flops": _flops(compiled), "memory": _memory(compiled)})
+  return rows
+
+
+def matmul_reference(mesh, n: int):
+  """A jitted fp32 matmul on every device of the mesh at once (no communication): the dense
+  FLOP/s these devices reach on the same cores, to compare the inner step's FLOP/s against."""
+  D = mesh.devices.size
+  sharding = mesh_lib.worker_sharding(mesh, 2)
+  rng = np.random.default_rng(0)
+  a, b = (jax.device_put(rng.standard_normal((D, n, n), np.float32), sharding) for _ in range(2))
+  f = jax.jit(lambda a, b: jnp.einsum("dij,djk->dik", a, b), out_shardings=sharding)
+  f(a, b).block_until_ready()   # compile
+  flops = 2.0 * n**3 * D
+
+  def time_once(calls: int = 5) -> float:
+    start = time.perf_counter()
+    out = [f(a, b) for _ in range(calls)]
+    jax.block_until_ready(out)
+    return flops * calls / (time.perf_counter() - start)
+
+  return time_once
+
+
+def _finite_ratio(a: float, b: float) -> float:
+  return a / b if b > 0 else float("nan")
+
+
+def run(s: Settings) -> dict:
+  overrides = {}
+  if s.num_layers:
+    overrides["num_layers"] = s.num_layers
+  if s.vocab_size:
+    overrides["vocab_size"] = s.vocab_size
+  cfg = model_lib.config_from_preset(s.model, **overrides)
+  params = model_lib.init_params(cfg, jax.random.PRNGKey(0))
+  N = sum(int(x.size) for x in jax.tree.leaves(params))
+  mesh = mesh_lib.make_mesh(s.workers)
+  M, H, tau = s.workers, s.inner_steps, s.overlap_steps
+  tokens_per_step = M * s.batch_size * s.seq_len
+
+  # A few fixed batches of random tokens, placed once: the loop measures the devices' work, not
+  # the data pipeline's.
+  rng = np.random.default_rng(0)
+  batches = [jax.device_put(rng.integers(0, cfg.vocab_size, (M, s.batch_size, s.seq_len + 1),
+                                         dtype=np.int32), mesh_lib.batch_sharding(mesh))
+             for _ in range(4)]
+  batch_bytes = max(bytes_by_device(batches[0]).values())
+
+  period_steps = H * math.ceil(s.steps / H)
+  # By step 2H + τ every fragment has sent and merged once, so every program has run.
+  warmup_steps = 2 * H + tau
+  total_steps = warmup_steps + s.repeats * (period_steps + s.steps)
+  runners = build_runners(s, cfg, mesh, params, total_steps)
+  memory = {name: state_bytes(r.state) for name, r in runners.items()}
+
+  compiled = {name: compile_programs(r, batches[0]) for name, r in runners.items()}
+  warmup_s = {name: r.run_steps(warmup_steps, batches)[0] for name, r in runners.items()}
+
+  matmul = matmul_reference(mesh, s.matmul_size)
+  # tokens/s samples per (kind, method); kind: period / inner, and the same per CPU-second.
+  kinds = ("period", "inner", "period_cpu", "inner_cpu")
+  tps = {k: {name: [] for name in METHODS} for k in kinds}
+  matmul_fps = []
+  for rep in range(s.repeats):
+    order = METHODS[rep % len(METHODS):] + METHODS[:rep % len(METHODS)]   # rotate against drift
+    for name in order:
+      r = runners[name]
+      for kind, n, timed in (("period", period_steps, r.run_steps),
+                             ("inner", s.steps, r.run_inner_only)):
+        wall, cpu = timed(n, batches)
+        tps[kind][name].append(tokens_per_step * n / wall)
+        tps[kind + "_cpu"][name].append(tokens_per_step * n / max(cpu, 1e-9))
+    matmul_fps.append(matmul())
+
+  med = statistics.median
+  # Ratios from the same repetition (adjacent in time), then the median over repetitions.
+  ratio = {k: {name: med(_finite_ratio(x, y) for x, y in zip(tps[k][name], tps[k]["dp"]))
+               for name in METHODS} for k in kinds}
+  period_tps, inner_tps = tps["period"], tps["inner"]
+  matmul_med = med(matmul_fps)
+  flops = {}
+  for name in METHODS:
+    inner_prog = compiled[name][0]
+    step_s = tokens_per_step / med(inner_tps[name])
+    cost = inner_prog["flops"]
+    achieved = None if cost is None else cost * mesh.devices.size / step_s
+    six_n = 6.0 * N * tokens_per_step / step_s
+    flops[name] = {
+        "cost_analysis_flops_per_step": None if cost is None else cost * mesh.devices.size,
+        "achieved_flops_per_s": achieved,
+        "fraction_of_matmul": None if achieved is None else achieved / matmul_med,
+        "six_n_flops_per_s": six_n,
+        "six_n_fraction_of_matmul": six_n / matmul_med,
+    }
+
+  dp_bytes = memory["dp"]["total"]
+  frag_numel = runners["streaming"].algo.fragment_numel
+  # Not implemented, computed for reference (SPEC §2 "Memory"): with the inactive fragments'
+  # outer copy, outer momentum and in-flight Δ in host memory, a device holds the worker's
+  # params and AdamW moments plus those three for the largest fragment only.
+  itemsize = 4
+  offload = memory["streaming"]["total"] - 3 * N * itemsize + 3 * max(frag_numel) * itemsize
+  for name in METHODS:
+    m = memory[name]
+    m["ratio_vs_dp"] = m["total"] / dp_bytes
+    m["param_copies"] = m["total"] / (N * itemsize)
+    transient = [p["memory"]["temp"] + p["memory"]["output"] - p["memory"]["alias"]
+                 for p in compiled[name] if p["memory"] is not None]
+    m["peak_estimate"] = m["total"] + batch_bytes + max(transient, default=0)
+  for name in METHODS:
+    memory[name]["peak_estimate_ratio_vs_dp"] = (memory[name]["peak_estimate"]
+                                                 / memory["dp"]["peak_estimate"])
+
+  steady_step_s = {name: tokens_per_step / med(period_tps[name]) for name in METHODS}
+  # What the sends, receives and syncs add to H steps beyond the H inner steps, in CPU-seconds
+  # (the load-independent clock): a difference of two medians, so about 0 ± noise for
+  # data-parallel, whose step is its inner step.
+  cpu_step = {k: {name: tokens_per_step / med(tps[k + "_cpu"][name]) for name in METHODS}
+              for k in ("period", "inner")}
+  sync_cpu_s = {name: H * (cpu_step["period"][name] - cpu_step["inner"][name])
+                for name in METHODS}
+  return {
+      "settings": dataclasses.asdict(s),
+      "model": {"preset": s.model, "num_layers": cfg.num_layers, "d_model": cfg.d_model,
+                "ffn_dim": cfg.ffn_dim, "vocab_size": cfg.vocab_size, "mlp": cfg.mlp,
+                "num_params": N},
+      "devices": {"platform": jax.devices()[0].platform, "count": mesh.devices.size,
+                  "workers_per_device": M // mesh.shape[mesh_lib.WORKER]},
+      "streaming": {"num_fragments": len(frag_numel), "fragment_numel": list(frag_numel),
+                    "tau": tau, "alpha": s.merge_alpha, "codec": s.codec},
+      "tokens_per_step": tokens_per_step,
+      "throughput": {
+          **{k: {n: {"tokens_per_s": med(tps[k][n]), "samples": tps[k][n],
+                     "tokens_per_cpu_s": med(tps[k + "_cpu"][n]),
+                     "cpu_samples": tps[k + "_cpu"][n]} for n in METHODS}
+             for k in ("period", "inner")},
+          "period_steps": period_steps, "inner_steps_timed": s.steps,
+          "sync_cpu_s_per_H_steps": sync_cpu_s,
+          "sync_fraction_of_period_cpu": {n: sync_cpu_s[n] / (H * cpu_step["period"][n])
+                                          for n in METHODS},
+      },
+      "throughput_ratio": ratio,
+      "goal": {"min_ratio": GOAL, "streaming_period_ratio": ratio["period"]["streaming"],
+               "streaming_period_ratio_cpu": ratio["period_cpu"]["streaming"],
+               "met": bool(ratio["period"]["streaming"] >= GOAL)},
+      "compile": {n: {"programs": compiled[n], "lower_s": sum(p["lower_s"] for p in compiled[n]),
+                      "compile_s": sum(p["compile_s"] for p in compiled[n]),
+                      "warmup_steps": warmup_steps, "warmup_s": warmup_s[n],
+                      # What the first 2H+τ steps cost beyond steady state, after AOT compiled
+                      # everything: near 0 when the calls reuse the AOT executables.
+                      "warmup_excess_s": warmup_s[n] - warmup_steps * steady_step_s[n]}
+                  for n in METHODS},
+      "memory": {**{n: memory[n] for n in METHODS}, "batch_bytes_per_device": batch_bytes,
+                 "paper_diloco_ratio": 5 / 3,
+                 "streaming_offloaded_estimate": offload,
+                 "streaming_offloaded_ratio_vs_dp": offload / dp_bytes},
+      "flops": {"matmul": {"n": s.matmul_size, "devices": mesh.devices.size,
+                           "flops_per_s": matmul_med, "samples": matmul_fps},
+                **flops},
+  }
+
+
+# ------------------------------------------------------------------------------------ report
+NAMES = {"dp": "data-parallel", "diloco": "DiLoCo", "streaming": "Streaming DiLoCo"}
+
+
+def _si(x: float | None, unit: str = "") -> str:
+  if x is None:
+    return "n/a"
+  for scale, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+    if abs(x) >= scale:
+      return f"{x / scale:.3g} {prefix}{unit}"
+  return f"{x:.3g} {unit}".rstrip()
+
+
+def format_report(r: dict) -> str:
+  s, m, d, st = r["settings"], r["model"], r["devices"], r["streaming"]
+  out = [
+      f"model {m['preset']}: {m['num_layers']} blocks, d_model {m['d_model']}, vocab "
+      f"{m['vocab_size']}, N = {m['num_params']:,} params (fp32)",
+      f"M = {s['workers']} workers on {d['count']} {d['platform']} devices "
+      f"({d['workers_per_device']} per device), B = {s['batch_size']}, L = {s['seq_len']}, "
+      f"{r['tokens_per_step']} tokens/step; H = {s['inner_steps']}",
+      f"Streaming DiLoCo: P = {st['num_fragments']} fragments {tuple(st['fragment_numel'])}, "
+      f"τ = {st['tau']}, α = {st['alpha']}, codec {st['codec']}; DiLoCo: fp32, τ = 0",
+      f"medians of {s['repeats']} interleaved repetitions",
+      "",
+      f"throughput, tokens/s     {'whole H-step periods':>25s}   {'inner step alone':>25s}",
+      f"  (ratio to DP)      {'wall':>10s} {'ratio':>6s} {'/CPU-s':>7s} {'ratio':>6s}"
+      f"   {'wall':>7s} {'ratio':>6s} {'/CPU-s':>7s} {'ratio':>6s}",
+  ]
+  tp, ratio = r["throughput"], r["throughput_ratio"]
+  for n in METHODS:
+    row = f"  {NAMES[n]:17s}"
+    for k in ("period", "inner"):
+      row += (f" {tp[k][n]['tokens_per_s']:10,.0f} {ratio[k][n]:6.3f}"
+              f" {tp[k][n]['tokens_per_cpu_s']:7,.0f} {ratio[k + '_cpu'][n]:6.3f}  ")
+    out.append(row.rstrip())
+  out.append("  (DiLoCo's and Streaming DiLoCo's inner steps are the same program: the gap between "
+             "their inner-step ratios is the noise)")
+  out.append("  sync cost per H steps (periods minus inner steps, CPU time): " + ", ".join(
+      f"{NAMES[n]} {tp['sync_cpu_s_per_H_steps'][n] * 1e3:.0f} ms "
+      f"({tp['sync_fraction_of_period_cpu'][n]:.1%})" for n in METHODS))
+  g = r["goal"]
+  out.append(f"  goal: Streaming DiLoCo >= {g['min_ratio']} of data-parallel over whole periods "
+             f"(wall clock): {'met' if g['met'] else 'NOT met'} ({g['streaming_period_ratio']:.3f};"
+             f" per CPU-second {g['streaming_period_ratio_cpu']:.3f}; {tp['period_steps']} steps "
+             f"per repetition)")
+  out += ["", "compile (jax AOT, cold)  programs   lower s  compile s   warm-up excess s"]
+  for n in METHODS:
+    c = r["compile"][n]
+    out.append(f"  {NAMES[n]:21s} {len(c['programs']):8d} {c['lower_s']:9.2f} "
+               f"{c['compile_s']:10.2f} {c['warmup_excess_s']:18.2f}")
+  out.append("  (warm-up excess: the first 2H+τ steps' time beyond steady state, after AOT)")
+
+  mem = r["memory"]
+  fields = []
+  for n in METHODS:
+    fields += [f for f in mem[n]["fields"] if f not in fields]
+  out += ["", f"state bytes per device {'':11s}" + "".join(f"{NAMES[n]:>18s}" for n in METHODS)]
+  for f in fields:
+    out.append(f"  {f:32s}" + "".join(
+        f"{mem[n]['fields'][f]:18,d}" if f in mem[n]["fields"] else f"{'-':>18s}"
+        for n in METHODS))
+  out.append(f"  {'total':32s}" + "".join(f"{mem[n]['total']:18,d}" for n in METHODS))
+  out.append(f"  {'copies of the params (4N bytes)':32s}"
+             + "".join(f"{mem[n]['param_copies']:18.3f}" for n in METHODS))
+  out.append(f"  {'ratio to data-parallel':32s}"
+             + "".join(f"{mem[n]['ratio_vs_dp']:18.4f}" for n in METHODS))
+  out.append(f"  {'peak estimate (memory_analysis)':32s}"
+             + "".join(f"{mem[n]['peak_estimate']:18,d}" for n in METHODS))
+  out.append(f"  {'  its ratio to data-parallel':32s}"
+             + "".join(f"{mem[n]['peak_estimate_ratio_vs_dp']:18.4f}" for n in METHODS))
+  out.append(f"  paper: DiLoCo 5/3 = {5 / 3:.4f} of DP (params + 2 Adam moments + outer copy + "
+             f"outer momentum); measured {mem['diloco']['ratio_vs_dp']:.4f}")
+  out.append(f"  Streaming DiLoCo holds every fragment's outer state and in-flight Δ on device "
+             f"(no offload): {mem['streaming']['ratio_vs_dp']:.4f} of DP; with offload (not "
+             f"implemented, computed) {mem['streaming_offloaded_ratio_vs_dp']:.4f}")
+  out.append("  peak estimate = state + batch + the largest program's temp + unaliased outputs")
+
+  fl = r["flops"]
+  mm = fl["matmul"]
+  out += ["", f"FLOP/s of the inner step alone; reference: fp32 {mm['n']}x{mm['n']} matmul on "
+          f"{mm['devices']} devices at once = {_si(mm['flops_per_s'], 'FLOP/s')}",
+          f"  {'':17s} {'XLA cost_analysis':>20s} {'of matmul':>10s} {'6·N·tokens':>16s} "
+          f"{'of matmul':>10s}"]
+  for n in METHODS:
+    f = fl[n]
+    frac = "n/a" if f["fraction_of_matmul"] is None else f"{f['fraction_of_matmul']:.3f}"
+    out.append(f"  {NAMES[n]:17s} {_si(f['achieved_flops_per_s'], 'FLOP/s'):>20s} {frac:>10s} "
+               f"{_si(f['six_n_flops_per_s'], 'FLOP/s'):>16s} "
+               f"{f['six_n_fraction_of_matmul']:10.3f}")
+  out.append("  (cost_analysis counts every HLO op of the compiled step, optimizer included, on "
+             "every device; 6·N·tokens counts the matmuls of forward and backward with N = all "
+             "params, the tied embedding once)")
+  out.append(f"\nthis run: {r['bench_wall_s']:.0f} s")
+  return "\n".join(out)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  s = settings_from_flags()
+  logging.set_verbosity(logging.WARNING)   # jax logs every backend it probes at INFO
+  mesh_lib.set_cpu_device_count(s.cpu_devices or s.workers)
+  start = time.perf_counter()
+  try:
+    report = run(s)
+  except ValueError as e:   # a bad flag value, named by the library's one-sentence message
+    print(f"bench: {e}", file=sys.stderr)
+    return 2
+  report["bench_wall_s"] = time.perf_counter() - start
+  print(json.dumps(report, indent=1) if _JSON.value else format_report(report), flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)

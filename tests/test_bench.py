@@ -1,0 +1,132 @@
+"""experiments/bench.py --quick --json runs and reports a complete, sane JSON document, and the
+state bytes it measures from the arrays' shards are exactly what our state holds, counted by hand.
+
+Nothing here asserts a timing (benchmarks print ratios; DESIGN "Tests"). The bench sets its own
+simulated device count, so it runs in a fresh interpreter, as a user would run it.
+"""
+
+import json
+import math
+import os
+import pathlib
+import subprocess
+import sys
+from fractions import Fraction
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+METHODS = ("dp", "diloco", "streaming")
+
+
+@pytest.fixture(scope="module")
+def report():
+  env = dict(os.environ)
+  # Not conftest's 8-device flag (the bench asks for one device per worker). No LLVM
+  # optimisation either: this checks the report, not speed, and the whole run then takes about
+  # 60 % of the CPU time (most of it is compiling the three methods' eight programs).
+  env["XLA_FLAGS"] = "--xla_backend_optimization_level=0"
+  env["JAX_PLATFORMS"] = "cpu"
+  proc = subprocess.run([sys.executable, "experiments/bench.py", "--quick", "--json"], cwd=ROOT,
+                        env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
+  return json.loads(proc.stdout)
+
+
+def _positive(x) -> bool:
+  return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def test_throughput_and_ratios_are_positive_and_finite(report):
+  for kind in ("period", "inner"):
+    for m in METHODS:
+      entry = report["throughput"][kind][m]
+      for key in ("samples", "cpu_samples"):   # wall clock, and per CPU-second of this process
+        assert len(entry[key]) == report["settings"]["repeats"], (kind, m, key)
+        assert all(_positive(x) for x in entry[key]), (kind, m, key, entry)
+      assert _positive(entry["tokens_per_s"]) and _positive(entry["tokens_per_cpu_s"])
+      for r in (kind, kind + "_cpu"):
+        assert _positive(report["throughput_ratio"][r][m]), (r, m)
+    assert report["throughput_ratio"][kind]["dp"] == 1.0
+  goal = report["goal"]
+  assert goal["min_ratio"] == 0.95
+  assert goal["met"] is (goal["streaming_period_ratio"] >= 0.95)
+  # A period is a whole number of H-step blocks, so every send and receive is in it.
+  assert report["throughput"]["period_steps"] % report["settings"]["inner_steps"] == 0
+
+
+def test_compile_lists_every_program_of_each_method(report):
+  P = report["streaming"]["num_fragments"]
+  names = {m: [p["name"] for p in report["compile"][m]["programs"]] for m in METHODS}
+  assert names["dp"] == ["step"]
+  assert names["diloco"] == ["inner_step", "sync[0]"]   # one fragment, τ = 0
+  # τ >= 1: a send and a receive per fragment, off the inner step's path.
+  assert names["streaming"] == ["inner_step"] + [f"{k}[{p}]" for p in range(P)
+                                                 for k in ("send", "receive")]
+  for m in METHODS:
+    c = report["compile"][m]
+    assert _positive(c["lower_s"]) and _positive(c["compile_s"]), (m, c)
+    for p in c["programs"]:
+      assert p["memory"] is not None and p["memory"]["argument"] > 0, (m, p)
+
+
+def _tiny_param_count(model: dict) -> int:
+  """The tiny preset's parameters by hand: SwiGLU MLP, tied embeddings, QK-norm, no biases."""
+  V, D, F, L = model["vocab_size"], model["d_model"], model["ffn_dim"], model["num_layers"]
+  assert model["preset"] == "tiny" and model["mlp"] == "swiglu"
+  K = D // 4                                 # head dim: d_model / 4 heads
+  block = (4 * D * D                         # wq, wk, wv [D, heads, K] and wo [heads, K, D]
+           + 2 * K                           # q_norm, k_norm
+           + 3 * D * F                       # w_gate, w_up [D, F] and w_down [F, D]
+           + 2 * D)                          # attn_norm, mlp_norm
+  return V * D + L * block + D               # embedding (tied) + blocks + final_norm
+
+
+def test_state_bytes_are_what_the_state_holds(report):
+  N = report["model"]["num_params"]
+  assert N == _tiny_param_count(report["model"])
+  assert report["devices"]["workers_per_device"] == 1
+  mem = report["memory"]
+  # Data-parallel, every device: params (4N bytes, fp32), AdamW's two moments (8N), and three
+  # int32 counters: the step, Adam's count and the learning-rate schedule's count.
+  dp = 12 * N + 12
+  # DiLoCo, every device (one worker each): the same for its worker, plus the outer copy θ_g
+  # (4N) and the Nesterov momentum (4N), and the PRNG key (two uint32).
+  diloco = dp + 8 * N + 8
+  # Streaming DiLoCo with τ >= 1 also keeps every fragment's in-flight Δ in fp32 (4N in all):
+  # nothing is offloaded to the host.
+  streaming = diloco + 4 * N
+  assert mem["dp"]["total"] == dp
+  assert mem["diloco"]["total"] == diloco
+  assert mem["streaming"]["total"] == streaming
+  for m in METHODS:
+    assert set(mem[m]["per_device"]) == {mem[m]["total"]}, m   # every device holds the same
+    assert sum(mem[m]["fields"].values()) == mem[m]["total"], m
+  assert mem["diloco"]["fields"]["outer_opt_state"] == 4 * N
+  assert mem["streaming"]["fields"]["inflight"] == 4 * N
+  # 20N + 20 over 12N + 12: the paper's 5/3 holds exactly, counters included.
+  assert Fraction(mem["diloco"]["total"], mem["dp"]["total"]) == Fraction(5, 3)
+  assert mem["diloco"]["ratio_vs_dp"] == pytest.approx(5 / 3, rel=1e-12)
+  assert mem["streaming"]["ratio_vs_dp"] == pytest.approx(streaming / dp, rel=1e-12)
+  # Offloading would keep only the largest fragment's outer state and in-flight Δ on device.
+  largest = max(report["streaming"]["fragment_numel"])
+  assert sum(report["streaming"]["fragment_numel"]) == N
+  assert mem["streaming_offloaded_estimate"] == streaming - 12 * N + 12 * largest
+  for m in METHODS:
+    assert mem[m]["peak_estimate"] >= mem[m]["total"] + mem["batch_bytes_per_device"]
+
+
+def test_flops_against_the_matmul_reference(report):
+  fl = report["flops"]
+  assert _positive(fl["matmul"]["flops_per_s"])
+  tokens = report["tokens_per_step"]
+  N = report["model"]["num_params"]
+  for m in METHODS:
+    f = fl[m]
+    for key in ("achieved_flops_per_s", "fraction_of_matmul", "six_n_flops_per_s",
+                "six_n_fraction_of_matmul"):
+      assert _positive(f[key]), (m, key, f)
+    # XLA's count includes attention and the elementwise work, 6·N·tokens only the weight
+    # matmuls of forward and backward: it must not be smaller, nor wildly larger here.
+    ratio = f["cost_analysis_flops_per_step"] / (6 * N * tokens)
+    assert 1.0 <= ratio < 3.0, (m, ratio)
