@@ -220,9 +220,7 @@ def run(tmp_path_factory):
   config = _tiny_config(str(d / "text.txt"))
   wd = str(d / "workdir")
   summary = train.run(config, wd)
-  # train.run does not write its config yet; this is the file the evals command reads.
-  with open(os.path.join(wd, cli.CONFIG_FILE), "w") as f:
-    f.write(config.to_json())
+  assert os.path.exists(os.path.join(wd, cli.CONFIG_FILE))   # written by train.run: what we read
   return wd, train.validate(config), summary
 
 
