@@ -1,0 +1,530 @@
+"""Reproduce the shape of the Streaming DiLoCo paper's findings at CPU scale, and report them.
+
+Five suites (SPEC §2-4), each a grid of runs with equal tokens across its methods:
+
+  main       data-parallel vs DiLoCo vs Streaming DiLoCo (τ=1, E3M0) at H ∈ {30, 100}, M ∈ {2, 4}
+  overlap    Streaming DiLoCo, τ ∈ {0, 1, 2, 5, 10} × α ∈ {0, 0.5}
+  codecs     fp32, bf16, fp8_e4m3, fp4_e2m1, fp4_e3m0, each without and with error feedback
+  fragments  strided vs sequential, 1, 2, 3 or 6 blocks per fragment
+  evaluated  which parameters are evaluated: outer copy θ_g, worker mean, worker 0
+  all        the five, in that order
+
+Every run trains the same 6-block byte-level model on text files (default: the english-pd corpus)
+in its own workdir under --out, named after its settings; a run whose summary.json exists is
+skipped, so an interrupted suite resumes where it stopped and runs shared between suites (the
+Streaming DiLoCo default appears in four of them) train once. A name encodes the run's
+algorithm settings, not the scale or the data: use one --out per --data, --steps or --smoke.
+After the runs, the report (tables in markdown and PNG plots) goes to --docs; `--report` only
+rebuilds it from the workdirs.
+
+  python experiments/reproduce.py --suite=main --out=runs/reproduce
+  python experiments/reproduce.py --suite=all --out=runs/reproduce --seeds=2
+  python experiments/reproduce.py --report --out=runs/reproduce       # tables and plots only
+  python experiments/reproduce.py --suite=evaluated --smoke --out=/tmp/r --docs=/tmp/r/docs
+
+Measured times (2 shared CPU cores) are in docs/results/README.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib.util
+import json
+import math
+import os
+import sys
+import time
+
+from absl import app, flags
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SUITES = ("main", "overlap", "codecs", "fragments", "evaluated")
+
+_SUITE = flags.DEFINE_string("suite", "main", f"one of {', '.join(SUITES)} or all")
+_OUT = flags.DEFINE_string("out", "runs/reproduce", "root of the run workdirs")
+_DOCS = flags.DEFINE_string("docs", os.path.join(REPO, "docs", "results"),
+                            "where the markdown tables and PNG plots go")
+_DATA = flags.DEFINE_string("data", os.path.join(REPO, "..", "shared", "data", "english-pd",
+                                                 "*.txt"), "text files (glob) to train on")
+_SEEDS = flags.DEFINE_integer("seeds", 1, "seeds per run (0 .. N-1); tables show mean and spread")
+_STEPS = flags.DEFINE_integer("steps", 0, "inner steps T of the main suite; 0: the scale's "
+                              "(the ablation suites use 2/5 of it)")
+_SMOKE = flags.DEFINE_bool("smoke", False,
+                           "a seconds-long version (2 blocks, few steps), for tests")
+_REPORT = flags.DEFINE_bool("report", False, "only rebuild tables and plots from --out")
+_ONLY = flags.DEFINE_list("only", [], "run only the runs with these names (timing probes)")
+
+
+# ------------------------------------------------------------------------------------ scale
+@dataclasses.dataclass(frozen=True)
+class Scale:
+  """The sizes that make a suite fit its time budget. Tokens per step are global_batch · seq_len
+  for every M: each worker gets global_batch / M sequences, so M=2 and M=4 see equal tokens in
+  the same number of steps (and H means the same thing for both)."""
+
+  num_layers: int       # transformer blocks (6: 3-block fragments exist, as in the paper)
+  tied_embeddings: bool  # False: a separate unembedding (see FULL)
+  seq_len: int          # L, bytes per sequence
+  global_batch: int     # sequences per step summed over workers
+  main_steps: int       # T of the main suite (H=100 needs several rounds: T/H outer steps)
+  main_H: tuple[int, ...]
+  ablation_steps: int   # T of overlap / codecs / fragments / evaluated
+  ablation_H: int
+  learning_rate: float  # peak inner AdamW learning rate
+  warmup: int           # inner warm-up steps
+  eval_points: int      # evaluations per run (loss curves)
+  eval_batches: int     # held-out batches per evaluation
+  eval_batch_size: int  # sequences per held-out batch
+  blocks_per_fragment: int
+  fragment_sizes: tuple[int, ...]
+  taus: tuple[int, ...]
+
+
+# Sized for 2 CPU cores shared with other work: main ≈ 40 min, the four ablation suites ≈ 60 min
+# (seeds=1). Untied embeddings: with tied ones this model sits on the unigram plateau (≈3.1
+# nats/byte) for ~200 of its 600 steps (DiLoCo for ~400), which leaves the short ablation runs
+# nothing to compare; untied, data-parallel is at 2.78 after 75 steps.
+FULL = Scale(num_layers=6, tied_embeddings=False, seq_len=64, global_batch=16, main_steps=600,
+             main_H=(30, 100), ablation_steps=240, ablation_H=30, learning_rate=3e-3, warmup=30,
+             eval_points=12, eval_batches=4, eval_batch_size=32, blocks_per_fragment=3,
+             fragment_sizes=(1, 2, 3, 6), taus=(0, 1, 2, 5, 10))
+# Same structure, tiny sizes: 2 blocks (so 1-block fragments), H small but > max τ.
+SMOKE = Scale(num_layers=2, tied_embeddings=False, seq_len=16, global_batch=4, main_steps=8,
+              main_H=(2, 4), ablation_steps=12, ablation_H=11, learning_rate=1e-2, warmup=2,
+              eval_points=2, eval_batches=1, eval_batch_size=4, blocks_per_fragment=2,
+              fragment_sizes=(1, 2), taus=(0, 1, 2, 5, 10))
+
+
+# ------------------------------------------------------------------------------------- runs
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """One training run: a method and its settings. Fields not used by a method keep defaults so
+  that equal settings give equal names (and share a workdir)."""
+
+  method: str                 # "dp", "diloco", "streaming"
+  M: int = 2
+  H: int = 30
+  T: int = 300
+  tau: int = 1
+  alpha: float = 0.5
+  codec: str = "fp4_e3m0"
+  error_feedback: bool = False
+  blocks: int = 3             # blocks per fragment
+  pattern: str = "strided"
+  eval_params: str = "outer"
+  seed: int = 0
+
+  @property
+  def name(self) -> str:
+    base = f"{self.method}_M{self.M}_T{self.T}"
+    if self.method == "dp":
+      return f"{base}_s{self.seed}"
+    base += f"_H{self.H}"
+    if self.method == "streaming":
+      base += (f"_tau{self.tau}_a{self.alpha:g}_{self.codec}{'_ef' if self.error_feedback else ''}"
+               f"_{self.pattern}{self.blocks}")
+    if self.eval_params != "outer":
+      base += f"_{self.eval_params}"
+    return f"{base}_s{self.seed}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+  """One row of a suite's table: a label, the run (seed 0) and the table's columns."""
+
+  label: str
+  run: Run
+  keys: dict
+
+
+def _dp(M, T):
+  return Run("dp", M=M, H=1, T=T, tau=0, alpha=0.0, codec="fp32", blocks=0, pattern="")
+
+
+def _diloco(M, H, T):
+  return Run("diloco", M=M, H=H, T=T, tau=0, alpha=0.0, codec="fp32", blocks=0, pattern="")
+
+
+def suite_cells(suite: str, scale: Scale, steps: int = 0) -> list[Cell]:
+  """The grid of a suite. Every cell of a suite has the same T and tokens per step."""
+  T_main = steps or scale.main_steps
+  T = max(steps * 2 // 5, 1) if steps else scale.ablation_steps
+  H, k = scale.ablation_H, scale.blocks_per_fragment
+  sd = functools.partial(Run, "streaming", M=2, H=H, T=T, blocks=k)
+  if suite == "main":
+    cells = []
+    for M in (2, 4):
+      for h in scale.main_H:
+        cells.append(Cell("data-parallel", _dp(M, T_main), dict(method="DP", H=h, M=M)))
+        cells.append(Cell("DiLoCo", _diloco(M, h, T_main), dict(method="DiLoCo", H=h, M=M)))
+        cells.append(Cell("Streaming DiLoCo", Run("streaming", M=M, H=h, T=T_main, blocks=k),
+                          dict(method="SD", H=h, M=M)))
+    return cells
+  if suite == "overlap":
+    return [Cell(f"τ={tau} α={a:g}", sd(tau=tau, alpha=a), dict(tau=tau, alpha=a))
+            for a in (0.0, 0.5) for tau in scale.taus]
+  if suite == "codecs":
+    cells = []
+    for codec in ("fp32", "bf16", "fp8_e4m3", "fp4_e2m1", "fp4_e3m0"):
+      for ef in (False, True):
+        # fp32 with error feedback is fp32 without it (the residual Δ + r − Q(Δ + r) is 0), so
+        # both cells read the same run.
+        run = sd(codec=codec, error_feedback=ef and codec != "fp32")
+        cells.append(Cell(f"{codec}{' +EF' if ef else ''}", run,
+                          dict(codec=codec, error_feedback=ef)))
+    return cells
+  if suite == "fragments":
+    # With 1 block per fragment, or all blocks in one, both patterns make the same fragments:
+    # those cells share the strided run.
+    same = (1, scale.num_layers)
+    return [Cell(f"{p} {b}", sd(blocks=b, pattern="strided" if b in same else p),
+                 dict(pattern=p, blocks=b))
+            for p in ("strided", "sequential") for b in scale.fragment_sizes]
+  if suite == "evaluated":
+    return [Cell(e, sd(eval_params=e), dict(eval_params=e))
+            for e in ("outer", "worker_mean", "worker0")]
+  raise ValueError(f"--suite must be one of {', '.join(SUITES)} or all, got {suite!r}")
+
+
+def unique_runs(cells: list[Cell], seeds: int) -> list[Run]:
+  """The distinct runs behind a suite's cells (DP does not depend on H; fp32 with error feedback
+  is fp32 without it), each for seeds 0 .. seeds-1."""
+  out = []
+  for cell in cells:
+    for s in range(seeds):
+      r = dataclasses.replace(cell.run, seed=s)
+      if r not in out:
+        out.append(r)
+  return out
+
+
+# ------------------------------------------------------------------------------------ config
+def _base_family():
+  path = os.path.join(REPO, "experiments", "configs", "streaming.py")
+  spec = importlib.util.spec_from_file_location("streaming_family", path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
+
+def make_config(run: Run, scale: Scale, data_glob: str):
+  """The ConfigDict of a run: the streaming tiny family, resized by `scale`."""
+  c = _base_family().get_config("tiny")
+  c.algorithm = run.method
+  c.seed = run.seed
+  c.model.num_layers = scale.num_layers
+  c.model.tied_embeddings = scale.tied_embeddings
+  c.diloco.num_workers = run.M
+  c.diloco.inner_steps = max(run.H, 1)
+  # Paper values: Streaming DiLoCo η=0.4, DiLoCo η=0.7, both Nesterov with μ=0.9.
+  c.diloco.outer_lr = 0.4 if run.method == "streaming" else 0.7
+  c.diloco.outer_momentum = 0.9
+  c.diloco.layers_per_fragment = max(run.blocks, 1)
+  c.diloco.fragment_pattern = run.pattern or "strided"
+  c.diloco.overlap_steps = run.tau
+  c.diloco.merge_alpha = run.alpha
+  c.diloco.codec = run.codec
+  c.diloco.error_feedback = run.error_feedback
+  c.train.num_steps = run.T
+  c.train.batch_size = scale.global_batch // run.M
+  c.train.learning_rate = scale.learning_rate
+  c.train.warmup_steps = scale.warmup
+  c.train.log_every = max(run.T // (4 * scale.eval_points), 1)
+  c.data.source = "text"
+  c.data.paths = (data_glob,)
+  c.data.seq_len = scale.seq_len
+  c.eval.every_steps = max(run.T // scale.eval_points, 1)
+  c.eval.params = run.eval_params
+  c.eval.num_batches = scale.eval_batches
+  c.eval.batch_size = scale.eval_batch_size
+  c.checkpoint.every_steps = 0   # only at the end: the runs are short, restarting one is cheap
+  return c
+
+
+def run_suite(suite: str, out: str, scale: Scale, data_glob: str, seeds: int = 1, steps: int = 0,
+              only=(), log=print) -> list[tuple[Run, str]]:
+  """Trains every run of the suite not finished yet; returns (run, "ran" | "skipped")."""
+  from diloco_jax import train  # noqa: PLC0415  (after the CLI set the device count)
+  done = []
+  runs = unique_runs(suite_cells(suite, scale, steps), seeds)
+  for i, r in enumerate(runs):
+    if only and r.name not in only:
+      continue
+    workdir = os.path.join(out, r.name)
+    if os.path.exists(os.path.join(workdir, "summary.json")):
+      log(f"[{suite} {i + 1}/{len(runs)}] {r.name}: done, skipped")
+      done.append((r, "skipped"))
+      continue
+    t0 = time.perf_counter()
+    s = train.run(make_config(r, scale, data_glob), workdir)
+    elapsed = time.perf_counter() - t0
+    with open(os.path.join(workdir, "reproduce.json"), "w", encoding="utf-8") as f:
+      json.dump({"run": dataclasses.asdict(r), "elapsed_s": elapsed}, f, indent=2)
+    log(f"[{suite} {i + 1}/{len(runs)}] {r.name}: eval loss {s['final_eval_loss']:.4f}, "
+        f"{s['bits_sent_per_worker']:.3g} bits/worker, {elapsed:.0f} s")
+    done.append((r, "ran"))
+  return done
+
+
+# ------------------------------------------------------------------------------------ report
+def _load(out: str, run: Run):
+  wd = os.path.join(out, run.name)
+  try:
+    with open(os.path.join(wd, "summary.json"), encoding="utf-8") as f:
+      summary = json.load(f)
+  except FileNotFoundError:
+    return None
+  curve = []
+  with open(os.path.join(wd, "metrics.jsonl"), encoding="utf-8") as f:
+    for line in f:
+      row = json.loads(line)
+      if "eval_loss" in row:
+        curve.append((row["tokens_seen"], row["eval_loss"]))
+  elapsed = None
+  if os.path.exists(os.path.join(wd, "reproduce.json")):
+    with open(os.path.join(wd, "reproduce.json"), encoding="utf-8") as f:
+      elapsed = json.load(f)["elapsed_s"]
+  return dict(summary=summary, curve=curve, elapsed=elapsed)
+
+
+def _stats(values):
+  n = len(values)
+  mean = sum(values) / n
+  std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+  return mean, std
+
+
+def collect(suite: str, out: str, scale: Scale, seeds: int, steps: int = 0) -> list[dict]:
+  """One dict per cell with the seeds that finished: loss mean/std, bits, curve (seed 0)."""
+  rows = []
+  for cell in suite_cells(suite, scale, steps):
+    got = [_load(out, dataclasses.replace(cell.run, seed=s)) for s in range(seeds)]
+    got = [g for g in got if g is not None]
+    if not got:
+      continue
+    s0 = got[0]["summary"]
+    mean, std = _stats([g["summary"]["final_eval_loss"] for g in got])
+    rows.append(dict(label=cell.label, keys=cell.keys, run=cell.run, n=len(got), loss=mean,
+                     std=std, bits=s0["bits_sent_per_worker"], peak=s0["peak_bits_per_step"],
+                     dp_bits=s0["dp_bits_sent_per_worker"], params=s0["num_params"],
+                     tokens=s0["num_steps"] * scale.global_batch * scale.seq_len,
+                     curve=got[0]["curve"],
+                     elapsed=sum(g["elapsed"] or 0.0 for g in got)))
+  return rows
+
+
+def _fmt_loss(r):
+  return f"{r['loss']:.4f}" + (f" ± {r['std']:.4f}" if r["n"] > 1 else "")
+
+
+def _table(rows, columns) -> str:
+  head = "| " + " | ".join(c for c, _ in columns) + " |"
+  sep = "|" + "|".join("---" for _ in columns) + "|"
+  body = ["| " + " | ".join(f(r) for _, f in columns) + " |" for r in rows]
+  return "\n".join([head, sep, *body])
+
+
+_COMMON = [("eval loss", _fmt_loss), ("bits/worker", lambda r: f"{r['bits']:.3g}"),
+           ("peak bits/step", lambda r: f"{r['peak']:.3g}"),
+           ("DP bits ÷ bits", lambda r: f"{r['dp_bits'] / r['bits']:.1f}" if r["bits"] else "—")]
+
+
+def _rel(rows, r):
+  """Loss relative to data-parallel at the same M (the paper's comparison)."""
+  dp = [x for x in rows if x["keys"]["method"] == "DP" and x["keys"]["M"] == r["keys"]["M"]]
+  return f"{100 * (r['loss'] / dp[0]['loss'] - 1):+.2f} %" if dp else "—"
+
+
+def write_report(suite: str, rows: list[dict], docs: str, seeds: int) -> list[str]:
+  """Writes docs/<suite>.md and the suite's PNGs; returns the files written."""
+  import matplotlib  # noqa: PLC0415  (only the report needs it)
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # noqa: PLC0415
+  os.makedirs(docs, exist_ok=True)
+  files = []
+  r0 = rows[0]
+  # Cells may share a run (DP across H, the default in several suites): count each run once.
+  wall = sum({r["run"].name: r["elapsed"] for r in rows}.values())
+  head = (f"# {suite} suite\n\nGenerated by `experiments/reproduce.py --report` from the run "
+          f"workdirs. {r0['params']:,} parameters, T={r0['run'].T} inner steps, "
+          f"{r0['tokens']:,} training tokens per run (bytes), seeds per cell: "
+          f"{min(r['n'] for r in rows)}"
+          + (" (loss: mean ± sample std)" if seeds > 1 else "") + ".\n\n")
+
+  def save(fig, name):
+    path = os.path.join(docs, f"{suite}_{name}.png")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    files.append(path)
+    return os.path.basename(path)
+
+  if suite == "main":
+    # DP runs do not depend on H: list each once per (H, M) so every block reads on its own.
+    cols = [("M", lambda r: str(r["keys"]["M"])), ("H", lambda r: str(r["keys"]["H"])),
+            ("method", lambda r: r["label"]), *_COMMON, ("vs DP", lambda r: _rel(rows, r))]
+    body = _table(rows, cols)
+    Hs = sorted({r["keys"]["H"] for r in rows})
+    Ms = sorted({r["keys"]["M"] for r in rows})
+    fig, axes = plt.subplots(len(Ms), len(Hs), figsize=(5 * len(Hs), 3.6 * len(Ms)),
+                             squeeze=False, sharey=True)
+    for i, M in enumerate(Ms):
+      for j, H in enumerate(Hs):
+        ax = axes[i][j]
+        for r in rows:
+          if r["keys"]["M"] == M and r["keys"]["H"] == H and r["curve"]:
+            x, y = zip(*r["curve"])
+            ax.plot(x, y, marker=".", label=r["label"])
+        ax.set_title(f"M={M}, H={H}")
+        ax.set_xlabel("training tokens")
+        ax.set_ylabel("held-out loss (nats/byte)")
+        ax.set_ylim(top=min(3.0, ax.get_ylim()[1]))
+        ax.legend()
+        ax.grid(alpha=0.3)
+    curves = save(fig, "curves")
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    markers = {"DP": "s", "DiLoCo": "o", "SD": "^"}
+    seen = set()
+    for r in rows:
+      k = r["keys"]
+      if (k["method"], k["M"], r["run"].name) in seen:
+        continue
+      seen.add((k["method"], k["M"], r["run"].name))
+      color = "C0" if k["M"] == 2 else "C3"
+      ax.errorbar(r["bits"], r["loss"], yerr=r["std"] or None, marker=markers[k["method"]],
+                  color=color, linestyle="none", markersize=8)
+      tag = k["method"] if k["method"] == "DP" else f"{k['method']} H={k['H']}"
+      ax.annotate(f"{tag}, M={k['M']}", (r["bits"], r["loss"]), textcoords="offset points",
+                  xytext=(6, 4), fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("bits sent per worker (whole run, log)")
+    ax.set_ylabel("final held-out loss (nats/byte)")
+    ax.set_title("loss against bits sent (blue M=2, red M=4)")
+    ax.grid(alpha=0.3, which="both")
+    tradeoff = save(fig, "loss_vs_bits")
+    plots = f"![loss curves]({curves})\n\n![loss against bits]({tradeoff})\n"
+  elif suite == "overlap":
+    cols = [("τ", lambda r: str(r["keys"]["tau"])), ("α", lambda r: f"{r['keys']['alpha']:g}"),
+            *_COMMON]
+    body = _table(rows, cols)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for a in sorted({r["keys"]["alpha"] for r in rows}):
+      sel = [r for r in rows if r["keys"]["alpha"] == a]
+      ax.errorbar([r["keys"]["tau"] for r in sel], [r["loss"] for r in sel],
+                  yerr=[r["std"] for r in sel] if seeds > 1 else None, marker="o",
+                  label=f"α={a:g}")
+    ax.set_xlabel("overlap τ (inner steps a fragment is on the wire)")
+    ax.set_ylabel("final held-out loss (nats/byte)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    plots = f"![loss against τ]({save(fig, 'tau')})\n"
+  elif suite == "codecs":
+    cols = [("codec", lambda r: r["keys"]["codec"]),
+            ("error feedback", lambda r: "yes" if r["keys"]["error_feedback"] else "no"),
+            *_COMMON]
+    body = _table(rows, cols)
+    codecs = list(dict.fromkeys(r["keys"]["codec"] for r in rows))
+    fig, ax = plt.subplots(figsize=(7, 4))
+    width = 0.38
+    for j, ef in enumerate((False, True)):
+      xs, ys, es = [], [], []
+      for i, c in enumerate(codecs):
+        for r in rows:
+          if r["keys"]["codec"] == c and r["keys"]["error_feedback"] == ef:
+            xs.append(i + (j - 0.5) * width)
+            ys.append(r["loss"])
+            es.append(r["std"])
+      ax.bar(xs, ys, width, yerr=es if seeds > 1 else None,
+             label="with error feedback" if ef else "without")
+    lo = min(r["loss"] for r in rows)
+    hi = max(r["loss"] for r in rows)
+    ax.set_ylim(lo - 0.5 * (hi - lo) - 0.005, hi + 0.5 * (hi - lo) + 0.005)
+    ax.set_xticks(range(len(codecs)), codecs)
+    ax.set_ylabel("final held-out loss (nats/byte)")
+    ax.legend()
+    ax.grid(alpha=0.3, axis="y")
+    plots = f"![loss per codec]({save(fig, 'loss')})\n"
+  elif suite == "fragments":
+    cols = [("pattern", lambda r: r["keys"]["pattern"]),
+            ("blocks/fragment", lambda r: str(r["keys"]["blocks"])), *_COMMON]
+    body = _table(rows, cols)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for p in ("strided", "sequential"):
+      sel = [r for r in rows if r["keys"]["pattern"] == p]
+      ax.plot([r["peak"] for r in sel], [r["loss"] for r in sel], marker="o", label=p)
+      for r in sel:
+        ax.annotate(f"{r['keys']['blocks']}", (r["peak"], r["loss"]), textcoords="offset points",
+                    xytext=(5, 3), fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("peak bits in one step (log; label: blocks per fragment)")
+    ax.set_ylabel("final held-out loss (nats/byte)")
+    ax.legend()
+    ax.grid(alpha=0.3, which="both")
+    plots = f"![loss against peak bits]({save(fig, 'peak')})\n"
+  else:
+    cols = [("evaluated parameters", lambda r: r["keys"]["eval_params"]), *_COMMON]
+    body = _table(rows, cols)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in rows:
+      if r["curve"]:
+        x, y = zip(*r["curve"])
+        ax.plot(x, y, marker=".", label=r["keys"]["eval_params"])
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel("held-out loss (nats/byte)")
+    ax.set_ylim(top=min(3.0, ax.get_ylim()[1]))
+    ax.legend()
+    ax.grid(alpha=0.3)
+    plots = f"![loss curves per evaluated copy]({save(fig, 'curves')})\n"
+  path = os.path.join(docs, f"{suite}.md")
+  with open(path, "w", encoding="utf-8") as f:
+    f.write(head + body + "\n\n" + plots
+            + f"\nTraining time of these runs (sum over seeds): {wall / 60:.1f} min.\n")
+  files.append(path)
+  return files
+
+
+def report(suites, out, docs, scale, seeds, steps=0, log=print) -> list[str]:
+  files = []
+  for suite in suites:
+    rows = collect(suite, out, scale, seeds, steps)
+    if not rows:
+      log(f"{suite}: no finished runs under {out}, nothing to report")
+      continue
+    files += write_report(suite, rows, docs, seeds)
+  return files
+
+
+# -------------------------------------------------------------------------------------- CLI
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  suite = _SUITE.value
+  if suite not in (*SUITES, "all"):
+    print(f"reproduce: --suite must be one of {', '.join(SUITES)} or all, got {suite!r}.",
+          file=sys.stderr)
+    return 2
+  suites = SUITES if suite == "all" else (suite,)
+  scale = SMOKE if _SMOKE.value else FULL
+  if not _REPORT.value:   # the report reads JSON files only: no JAX
+    from absl import logging  # noqa: PLC0415
+    from diloco_jax import mesh  # noqa: PLC0415
+    mesh.set_cpu_device_count(4)   # the most workers any suite uses (M=4), one device each
+    logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
+    from diloco_jax import train  # noqa: PLC0415
+    for s in suites:
+      t0 = time.perf_counter()
+      try:
+        run_suite(s, _OUT.value, scale, _DATA.value, _SEEDS.value, _STEPS.value, _ONLY.value,
+                  log=lambda m: print(m, flush=True))
+      except train.ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+      print(f"suite {s}: {time.perf_counter() - t0:.0f} s", flush=True)
+  for path in report(suites, _OUT.value, _DOCS.value, scale, _SEEDS.value, _STEPS.value):
+    print(f"wrote {path}")
+  return 0
+
+
+if __name__ == "__main__":
+  app.run(main)

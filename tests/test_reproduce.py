@@ -1,0 +1,162 @@
+"""experiments/reproduce.py: suite grids, the smoke path end to end, resume, and CLI errors.
+
+Runs on a small text file written here, so nothing needs ../shared.
+"""
+
+import dataclasses
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+
+from diloco_jax import train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(REPO, "experiments", "reproduce.py")
+
+
+def _load():
+  spec = importlib.util.spec_from_file_location("reproduce", SCRIPT)
+  mod = importlib.util.module_from_spec(spec)
+  sys.modules["reproduce"] = mod   # dataclasses look their module up while the class is built
+  spec.loader.exec_module(mod)
+  return mod
+
+
+rp = _load()
+
+
+@pytest.fixture(scope="module")
+def text_glob(tmp_path_factory):
+  # ~24 kB of varied English-like bytes: enough for train chunks and a 1 % held-out tail.
+  words = ("the of and to in that was he it his with as had for not but at by on this be which "
+           "from all were they she her one you so said there would their them we an been").split()
+  out, state = [], 12345
+  for _ in range(4800):
+    state = (state * 1103515245 + 12345) % 2**31
+    out.append(words[state % len(words)])
+  path = tmp_path_factory.mktemp("text") / "corpus.txt"
+  path.write_text(" ".join(out) + ".\n", encoding="utf-8")
+  return str(path)
+
+
+def _tokens_per_step(run, scale):
+  c = rp.make_config(run, scale, "unused")
+  return c.train.batch_size * c.diloco.num_workers * c.data.seq_len
+
+
+@pytest.mark.parametrize("scale", [rp.FULL, rp.SMOKE], ids=["full", "smoke"])
+def test_suite_grids_and_equal_tokens(scale):
+  main = rp.suite_cells("main", scale)
+  grid = {(c.keys["method"], c.keys["H"], c.keys["M"]) for c in main}
+  assert grid == {(m, h, M) for m in ("DP", "DiLoCo", "SD") for h in scale.main_H
+                  for M in (2, 4)}
+  assert len(main) == 12
+  # DP does not depend on H: one run per M.
+  assert len(rp.unique_runs(main, 1)) == 10
+  assert {c.run.method for c in main if c.keys["method"] == "SD"} == {"streaming"}
+  sd = [c.run for c in main if c.keys["method"] == "SD"]
+  assert all(r.tau == 1 and r.codec == "fp4_e3m0" and r.pattern == "strided" for r in sd)
+
+  overlap = rp.suite_cells("overlap", scale)
+  assert sorted((c.keys["tau"], c.keys["alpha"]) for c in overlap) == sorted(
+      (t, a) for t in (0, 1, 2, 5, 10) for a in (0.0, 0.5))
+  codecs = rp.suite_cells("codecs", scale)
+  assert {(c.keys["codec"], c.keys["error_feedback"]) for c in codecs} == {
+      (k, ef) for k in ("fp32", "bf16", "fp8_e4m3", "fp4_e2m1", "fp4_e3m0")
+      for ef in (False, True)}
+  assert {c.keys["eval_params"] for c in rp.suite_cells("evaluated", scale)} == {
+      "outer", "worker_mean", "worker0"}
+  frags = rp.suite_cells("fragments", scale)
+  assert {c.keys["pattern"] for c in frags} == {"strided", "sequential"}
+
+  for suite in rp.SUITES:
+    cells = rp.suite_cells(suite, scale)
+    tokens = {c.run.T * _tokens_per_step(c.run, scale) for c in cells}
+    assert len(tokens) == 1, (suite, tokens)   # equal tokens across every method of a suite
+
+
+def test_full_scale_has_three_block_fragments():
+  assert rp.FULL.num_layers >= 6 and rp.FULL.num_layers % 3 == 0
+  assert 3 in rp.FULL.fragment_sizes and rp.FULL.blocks_per_fragment == 3
+  assert rp.FULL.main_steps >= 6 * max(rp.FULL.main_H)   # several outer rounds at H=100
+  assert max(rp.FULL.taus) < rp.FULL.ablation_H
+
+
+def test_paper_outer_learning_rates():
+  full = rp.FULL
+  c = rp.make_config(rp.Run("streaming", M=2, H=30, T=10), full, "x")
+  assert (c.diloco.outer_lr, c.diloco.outer_momentum, c.diloco.outer_optimizer) == (
+      0.4, 0.9, "nesterov")
+  c = rp.make_config(rp._diloco(2, 30, 10), full, "x")
+  assert (c.algorithm, c.diloco.outer_lr) == ("diloco", 0.7)
+
+
+def test_smoke_suite_end_to_end_and_resume(tmp_path, text_glob, monkeypatch):
+  out, docs = str(tmp_path / "runs"), str(tmp_path / "docs")
+  runs = rp.unique_runs(rp.suite_cells("fragments", rp.SMOKE), 1)
+  assert len(runs) == 2   # smoke: 1 and 2 blocks per fragment (both patterns coincide)
+  first = runs[0].name
+  # Compiling dominates a smoke run, so train one of the suite's two runs for real.
+  done = rp.run_suite("fragments", out, rp.SMOKE, text_glob, only=[first], log=lambda m: None)
+  assert [(r.name, status) for r, status in done] == [(first, "ran")]
+  assert os.path.exists(os.path.join(out, first, "summary.json"))
+
+  files = rp.report(["fragments"], out, docs, rp.SMOKE, seeds=1, log=lambda m: None)
+  assert os.path.join(docs, "fragments.md") in files
+  pngs = [f for f in files if f.endswith(".png")]
+  assert pngs and all(os.path.getsize(f) > 1000 for f in pngs)
+  table = open(os.path.join(docs, "fragments.md"), encoding="utf-8").read()
+  assert "| pattern | blocks/fragment | eval loss |" in table
+  # Both "strided 1" and "sequential 1" read the one finished run.
+  assert "| strided | 1 |" in table and "| sequential | 1 |" in table
+
+  # The CLI's --report mode rebuilds the docs from the workdirs without training.
+  proc = subprocess.run(
+      [sys.executable, SCRIPT, "--suite=fragments", "--smoke", "--report", f"--out={out}",
+       f"--docs={tmp_path / 'docs2'}"], capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr
+  assert os.path.exists(tmp_path / "docs2" / "fragments_peak.png")
+
+  # Resume: the finished run is skipped and untouched; only the unfinished one trains (a
+  # stand-in trainer records the call instead of training, to keep the test fast).
+  mtime = os.path.getmtime(os.path.join(out, first, "summary.json"))
+  calls = []
+
+  def fake_run(config, workdir):
+    calls.append(os.path.basename(workdir))
+    os.makedirs(workdir, exist_ok=True)
+    return {"final_eval_loss": 0.0, "bits_sent_per_worker": 0}
+
+  monkeypatch.setattr(train, "run", fake_run)
+  again = rp.run_suite("fragments", out, rp.SMOKE, text_glob, log=lambda m: None)
+  assert [(r.name, s) for r, s in again] == [(first, "skipped"), (runs[1].name, "ran")]
+  assert calls == [runs[1].name]
+  assert os.path.getmtime(os.path.join(out, first, "summary.json")) == mtime
+
+
+def test_seeds_give_mean_and_spread(tmp_path):
+  # collect() on hand-written summaries: two seeds of one cell -> mean and sample std.
+  cell = rp.suite_cells("evaluated", rp.SMOKE)[0]
+  for seed, loss in ((0, 2.0), (1, 2.2)):
+    wd = tmp_path / dataclasses.replace(cell.run, seed=seed).name
+    wd.mkdir()
+    (wd / "summary.json").write_text(
+        '{"final_eval_loss": %s, "bits_sent_per_worker": 10, "peak_bits_per_step": 5, '
+        '"dp_bits_sent_per_worker": 100, "num_params": 7, "num_steps": 12}' % loss)
+    (wd / "metrics.jsonl").write_text('{"step": 12, "eval_loss": %s, "tokens_seen": 9}\n' % loss)
+  rows = rp.collect("evaluated", str(tmp_path), rp.SMOKE, seeds=2)
+  assert len(rows) == 1 and rows[0]["n"] == 2
+  assert rows[0]["loss"] == pytest.approx(2.1)
+  assert rows[0]["std"] == pytest.approx(0.1414213, rel=1e-5)
+  assert rp._fmt_loss(rows[0]) == "2.1000 ± 0.1414"
+
+
+def test_bad_suite_is_one_sentence_and_exit_2():
+  proc = subprocess.run([sys.executable, SCRIPT, "--suite=bogus"], capture_output=True,
+                        text=True, timeout=60)
+  assert proc.returncode == 2
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and "--suite must be one of" in lines[0] and "'bogus'" in lines[0]
