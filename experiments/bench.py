@@ -2,7 +2,7 @@
 memory per device and achieved FLOP/s, all measured in one invocation and printed as ratios.
 
 Run book:
-  default (2 CPU cores, 4 simulated devices, the tiny model with 4 blocks; about 1-2 minutes):
+  default (2 CPU cores, 4 simulated devices, the tiny model with 4 blocks; about 2-3 minutes):
     .venv/bin/python experiments/bench.py
   quick (seconds; what tests/test_bench.py runs):
     .venv/bin/python experiments/bench.py --quick --json
