@@ -302,6 +302,25 @@ class StreamingDiLoCo:
       metrics.update(m)
     return state, metrics
 
+  def programs(self, state: DilocoState, batch_MxB) -> list[tuple[str, Any, tuple]]:
+    """(name, jitted program, its arguments) for every program `step` dispatches in an outer
+    round, with the arguments `step` gives them (arrays or abstract ShapeDtypeStructs): for
+    ahead-of-time compilation and memory checks (aot.py, experiments/bench.py)."""
+    f = self.fragments
+    out = [("inner_step", self._inner_step,
+            (state.step, state.local_params, state.inner_opt_state, batch_MxB))]
+    for p in range(f.num_fragments):
+      outer_p, local_p = f.select(state.outer_params, p), f.select(state.local_params, p)
+      residual_p = [state.residual[i] for i in f.leaf_indices(p)] if self.error_feedback else []
+      if self.tau_first == 0:
+        out.append((f"sync[{p}]", self._sync[p],
+                    (outer_p, local_p, state.outer_opt_state[p], residual_p, state.rng)))
+      else:
+        out.append((f"send[{p}]", self._send[p], (outer_p, local_p, residual_p, state.rng)))
+        out.append((f"receive[{p}]", self._receive_first,
+                    (outer_p, local_p, state.outer_opt_state[p], state.inflight[p])))
+    return out
+
   def bits_sent(self, t: int) -> int:
     """Bits one worker transmits at step t (ring all-reduce convention, docs/design.md)."""
     total = 0
@@ -435,6 +454,10 @@ class DataParallel:
     state, metrics = self._step(state, batch_MxB)
     self._bound.push(metrics["loss"])
     return state, metrics
+
+  def programs(self, state: DPState, batch_MxB) -> list[tuple[str, Any, tuple]]:
+    """The one program `step` dispatches, with its arguments (see StreamingDiLoCo.programs)."""
+    return [("step", self._step, (state, batch_MxB))]
 
   def bits_sent(self, t: int) -> int:
     del t

@@ -88,26 +88,11 @@ def check(config, hbm_gib: float = 0.0) -> dict:
 
   if rc.algorithm == "dp":
     fields = {"params": state.params, "optimizer state": state.opt_state}
-    programs = [_compile("step", algo._step, state, batch)]
   else:
     fields = {"worker params": state.local_params, "inner optimizer state": state.inner_opt_state,
               "outer params": state.outer_params, "outer optimizer state": state.outer_opt_state,
               "in-flight outer gradients": state.inflight, "quantizer residuals": state.residual}
-    programs = [_compile("inner step", algo._inner_step, state.step, state.local_params,
-                         state.inner_opt_state, batch)]
-    f = algo.fragments
-    for p in range(f.num_fragments):
-      outer_p, local_p = f.select(state.outer_params, p), f.select(state.local_params, p)
-      residual_p = ([state.residual[i] for i in f.leaf_indices(p)] if algo.error_feedback
-                    else [])
-      if algo.tau_first == 0:
-        programs.append(_compile(f"sync {p}", algo._sync[p], outer_p, local_p,
-                                 state.outer_opt_state[p], residual_p, state.rng))
-      else:
-        programs.append(_compile(f"send {p}", algo._send[p], outer_p, local_p, residual_p,
-                                 state.rng))
-        programs.append(_compile(f"receive {p}", algo._receive_first, outer_p, local_p,
-                                 state.outer_opt_state[p], state.inflight[p]))
+  programs = [_compile(name, fn, *args) for name, fn, args in algo.programs(state, batch)]
   state_bytes = {k: _bytes_per_device(v) for k, v in fields.items()}
   batch_bytes = _bytes_per_device(batch)
   peak = sum(state_bytes.values()) + batch_bytes + max(p["temp_bytes"] for p in programs)

@@ -119,9 +119,8 @@ class Runner:
   """One method's algorithm, its live state and the host step counter t.
 
   `programs` lists the jitted programs the method's `step` dispatches, with the arguments `step`
-  gives them, so they can be compiled ahead of time. It mirrors `StreamingDiLoCo.step` and
-  `DataParallel.step` (private members, on purpose: a benchmark of those programs has to name
-  them); if `step` changes what it passes, the warm-up's excess time in the report shows it.
+  gives them (the algorithm's own `programs`), so they can be compiled ahead of time; if `step`
+  changes what it passes, the warm-up's excess time in the report shows it.
   """
 
   def __init__(self, name: str, algo, params, rng):
@@ -138,22 +137,7 @@ class Runner:
     return isinstance(self.algo, algorithm.DataParallel)
 
   def programs(self, batch) -> list[tuple[str, object, tuple]]:
-    a, s = self.algo, self.state
-    if self.is_dp:
-      return [("step", a._step, (s, batch))]
-    out = [("inner_step", a._inner_step, (s.step, s.local_params, s.inner_opt_state, batch))]
-    f = a.fragments
-    for p in range(f.num_fragments):
-      outer_p, local_p = f.select(s.outer_params, p), f.select(s.local_params, p)
-      residual_p = [s.residual[i] for i in f.leaf_indices(p)] if a.error_feedback else []
-      if a.tau_first == 0:
-        out.append((f"sync[{p}]", a._sync[p],
-                    (outer_p, local_p, s.outer_opt_state[p], residual_p, s.rng)))
-      else:
-        out.append((f"send[{p}]", a._send[p], (outer_p, local_p, residual_p, s.rng)))
-        out.append((f"receive[{p}]", a._receive_first,
-                    (outer_p, local_p, s.outer_opt_state[p], s.inflight[p])))
-    return out
+    return self.algo.programs(self.state, batch)
 
   def run_steps(self, n: int, batches: list) -> tuple[float, float]:
     """n steps through the public `step` (syncs included): (wall, CPU) seconds, device work

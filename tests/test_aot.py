@@ -35,8 +35,8 @@ def test_streaming_state_bytes_per_device_are_exact():
       "outer optimizer state": 4 * n, "in-flight outer gradients": 4 * n,
       "quantizer residuals": 0}
   assert r["batch_bytes_per_device"] == 8 * 65 * 4   # one worker's [B=8, L+1=65] int32
-  assert [p["program"] for p in r["programs"]] == ["inner step", "send 0", "receive 0",
-                                                   "send 1", "receive 1"]
+  assert [p["program"] for p in r["programs"]] == ["inner_step", "send[0]", "receive[0]",
+                                                   "send[1]", "receive[1]"]
   assert r["peak_bytes_per_device"] == (sum(r["state_bytes_per_device"].values())
                                         + r["batch_bytes_per_device"]
                                         + max(p["temp_bytes"] for p in r["programs"]))
