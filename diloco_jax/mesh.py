@@ -116,10 +116,13 @@ def make_mesh(num_workers: int, data: int = 1, model: int = 1, devices=None) -> 
   return Mesh(device_grid(num_workers, data, model, devices), AXES)
 
 
-def local_workers(mesh: Mesh, num_workers: int) -> tuple[int, ...]:
-  """The workers whose data this process feeds: those with a shard on its devices."""
-  idx = NamedSharding(mesh, P(WORKER)).addressable_devices_indices_map((num_workers,))
-  return tuple(sorted({w for s in idx.values() for w in range(num_workers)[s[0]]}))
+def process_batch_rows(mesh: Mesh, shape: tuple[int, ...]) -> tuple[tuple[int, ...], slice]:
+  """What this process feeds of the global [M, B, ...] batch: its workers (those with a shard on
+  its devices) and, when a worker spans processes, the rows of that worker's batch."""
+  idx = batch_sharding(mesh).addressable_devices_indices_map(shape).values()
+  workers = sorted({w for s in idx for w in range(shape[0])[s[0]]})
+  rows = sorted({r for s in idx for r in range(shape[1])[s[1]]})
+  return tuple(workers), slice(rows[0], rows[-1] + 1)
 
 
 def worker_sharding(mesh: Mesh, ndim_after: int = 0) -> NamedSharding:

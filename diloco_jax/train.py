@@ -20,7 +20,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from diloco_jax import algorithm, checkpoint, collectives, data, fragments, inner, outer
+from diloco_jax import (algorithm, checkpoint, collectives, data, distributed, fragments, inner,
+                        outer)
 from diloco_jax import mesh as mesh_lib
 from diloco_jax import metrics as metrics_lib
 from diloco_jax import model as model_lib
@@ -292,15 +293,6 @@ def _fetch(values: dict, mesh) -> dict:
 
 
 # ------------------------------------------------------------------------------------- run
-def _process_batch_rows(sharding, shape) -> tuple[tuple[int, ...], slice]:
-  """The workers (and, when a worker spans processes, the rows of its batch) this process feeds:
-  the box of the global [M, B, L+1] batch that its devices hold."""
-  idx = sharding.addressable_devices_indices_map(shape).values()
-  workers = sorted({w for s in idx for w in range(shape[0])[s[0]]})
-  rows = sorted({r for s in idx for r in range(shape[1])[s[1]]})
-  return tuple(workers), slice(rows[0], rows[-1] + 1)
-
-
 def run(config: ml_collections.ConfigDict, workdir: str, stop_after: int | None = None,
         log_all_processes: bool = False) -> dict:
   """Trains (or resumes) as the config says; returns the summary (also WORKDIR/summary.json).
@@ -329,7 +321,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, stop_after: int | None 
     mesh = mesh_lib.make_mesh(rc.M, rc.mesh_data, rc.mesh_model)
   except ValueError as e:
     raise ConfigError(f"mesh: {e}") from None
-  primary = jax.process_index() == 0
+  primary = distributed.is_primary()
   # Built under jit straight into the replicated layout, so every process holds its part of the
   # same global array (a process cannot device_put onto another's devices).
   params = jax.jit(functools.partial(model_lib.init_params, rc.model),
@@ -341,7 +333,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, stop_after: int | None 
 
   batch_sharding = mesh_lib.batch_sharding(mesh)
   batch_shape = (rc.M, rc.batch_size, rc.seq_len + 1)
-  my_workers, my_rows = _process_batch_rows(batch_sharding, batch_shape)
+  my_workers, my_rows = mesh_lib.process_batch_rows(mesh, batch_shape)
   train_it = data.make_batches(source, num_workers=rc.M, batch_size=rc.batch_size,
                                seq_len=rc.seq_len, seed=rc.seed, split="train",
                                workers=my_workers)

@@ -107,5 +107,6 @@ def test_simulated_cpu_devices_unchanged():
   grid = mesh_lib.device_grid(8, data=2, devices=jax.devices()[:8])   # 4 x 2: two workers/device
   assert grid.shape == (4, 2, 1)
   m = mesh_lib.make_mesh(4)
-  assert mesh_lib.local_workers(m, 4) == (0, 1, 2, 3)
-  assert mesh_lib.local_workers(mesh_lib.make_mesh(8), 8) == tuple(range(8))
+  assert mesh_lib.process_batch_rows(m, (4, 6, 9)) == ((0, 1, 2, 3), slice(0, 6))
+  assert mesh_lib.process_batch_rows(mesh_lib.make_mesh(8), (8, 2, 9)) == (tuple(range(8)),
+                                                                          slice(0, 2))
