@@ -20,7 +20,7 @@ rebuilds it from the workdirs.
   python experiments/reproduce.py --suite=main --out=runs/reproduce
   python experiments/reproduce.py --suite=all --out=runs/reproduce --seeds=2
   python experiments/reproduce.py --report --out=runs/reproduce       # tables and plots only
-  python experiments/reproduce.py --suite=evaluated --smoke --out=/tmp/r --docs=/tmp/r/docs
+  python experiments/reproduce.py --suite=evaluated --smoke --out=runs/smoke --docs=runs/smoke/docs
 
 Measured times (2 shared CPU cores) are in docs/results/README.md.
 """

@@ -57,7 +57,7 @@ remote_train_cmd() {
 }
 
 # A tarball of the committed tree (what every host runs; uncommitted edits are not shipped).
-ARCHIVE=/tmp/diloco_jax-$(git -C "$(dirname "${BASH_SOURCE[0]}")/.." rev-parse --short HEAD 2>/dev/null || echo src).tar.gz
+ARCHIVE=${TMPDIR:-/tmp}/diloco_jax-$(git -C "$(dirname "${BASH_SOURCE[0]}")/.." rev-parse --short HEAD 2>/dev/null || echo src).tar.gz
 make_archive() {
   run git -C "$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)" archive --format=tar.gz -o "$ARCHIVE" HEAD
 }

@@ -130,3 +130,6 @@ def test_flops_against_the_matmul_reference(report):
     # matmuls of forward and backward: it must not be smaller, nor wildly larger here.
     ratio = f["cost_analysis_flops_per_step"] / (6 * N * tokens)
     assert 1.0 <= ratio < 3.0, (m, ratio)
+  # DiLoCo's and Streaming DiLoCo's inner steps are one program: XLA counts the same FLOPs.
+  assert fl["diloco"]["cost_analysis_flops_per_step"] == \
+      fl["streaming"]["cost_analysis_flops_per_step"]
