@@ -8,6 +8,11 @@ plain nested dict, so DiLoCo can vmap it over workers and slice it into fragment
 Params layout (the fragmenter keys on it): `params["blocks"][i]` for i = 0..num_layers-1 holds
 block i; `embed`, `final_norm` and (untied only) `unembed` sit outside "blocks". Layers are
 deliberately not scanned/stacked, so a fragment is a set of whole sub-dicts.
+
+Sharding: `logical_axes(params)` names every dimension of every leaf (`vocab`, `embed`, `heads`,
+`head_dim`, `mlp`, `norm`); `sharding.py` maps those names onto mesh axes. Activations are
+named through the `constrain(x, names)` hook that `apply`/`loss_fn` take (default: none), so
+the partitioner is told, not left to guess, where the batch, heads and MLP dimensions live.
 """
 
 from __future__ import annotations
@@ -21,6 +26,27 @@ from flax import nnx
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 _MLPS = ("swiglu", "gelu")
+REMAT = ("none", "block")
+
+# The logical name of every dimension of every parameter, keyed on the leaf's own name (the last
+# entry of its path). Norm scales are tiny and stay replicated ("norm").
+LOGICAL_AXES = {
+    "embed": ("vocab", "embed"),                 # [V, D]
+    "unembed": ("embed", "vocab"),               # [D, V]
+    "wq": ("embed", "heads", "head_dim"),        # [D, H, K]
+    "wk": ("embed", "heads", "head_dim"),
+    "wv": ("embed", "heads", "head_dim"),
+    "wo": ("heads", "head_dim", "embed"),        # [H, K, D]
+    "w_gate": ("embed", "mlp"),                  # [D, F]
+    "w_up": ("embed", "mlp"),
+    "w_down": ("mlp", "embed"),                  # [F, D]
+    "scale": ("norm",),                          # RMSNorm scales [D] or [K]
+}
+
+
+def _no_constraint(x: jax.Array, names: tuple) -> jax.Array:
+  del names
+  return x
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +65,7 @@ class ModelConfig:
   rope_base: float = 10000.0
   norm_eps: float = 1e-6
   dtype: str = "float32"  # activation/compute dtype; params are always float32.
+  remat: str = "none"  # "block": recompute each block's activations in the backward pass.
 
   def __post_init__(self):
     for name in ("vocab_size", "num_layers", "d_model", "num_heads", "ffn_dim"):
@@ -55,6 +82,8 @@ class ModelConfig:
                        f"got {self.head_dim!r}")
     if self.mlp not in _MLPS:
       raise ValueError(f"model.mlp must be 'swiglu' or 'gelu', got {self.mlp!r}")
+    if self.remat not in REMAT:
+      raise ValueError(f"model.remat must be one of {REMAT}, got {self.remat!r}")
     if self.dtype not in _DTYPES:
       raise ValueError(f"model.dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
     for name, ok, allowed in (("z_loss", self.z_loss >= 0, ">= 0"),
@@ -126,11 +155,13 @@ class Attention(nnx.Module):
     self.q_norm = RMSNorm(K, cfg.norm_eps)
     self.k_norm = RMSNorm(K, cfg.norm_eps)
 
-  def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
+  def __call__(self, x_BxLxD: jax.Array, constrain=_no_constraint) -> jax.Array:
     dt = x_BxLxD.dtype
+    heads = lambda y: constrain(y, ("batch", None, "heads", None))
     q_BxLxHxK = jnp.einsum("bld,dhk->blhk", x_BxLxD, self.wq[...].astype(dt))
     k_BxLxHxK = jnp.einsum("bld,dhk->blhk", x_BxLxD, self.wk[...].astype(dt))
-    v_BxLxHxK = jnp.einsum("bld,dhk->blhk", x_BxLxD, self.wv[...].astype(dt))
+    v_BxLxHxK = heads(jnp.einsum("bld,dhk->blhk", x_BxLxD, self.wv[...].astype(dt)))
+    q_BxLxHxK, k_BxLxHxK = heads(q_BxLxHxK), heads(k_BxLxHxK)
     q_BxLxHxK = _rope(self.q_norm(q_BxLxHxK), self.cfg.rope_base)
     k_BxLxHxK = _rope(self.k_norm(k_BxLxHxK), self.cfg.rope_base)
     s_BxHxLxL = jnp.einsum("bqhk,bshk->bhqs", q_BxLxHxK, k_BxLxHxK,
@@ -139,8 +170,9 @@ class Attention(nnx.Module):
     causal_LxL = jnp.tril(jnp.ones((L, L), bool))
     s_BxHxLxL = jnp.where(causal_LxL, s_BxHxLxL, jnp.finfo(jnp.float32).min)
     p_BxHxLxL = jax.nn.softmax(s_BxHxLxL, axis=-1).astype(dt)  # softmax in float32
-    o_BxLxHxK = jnp.einsum("bhqs,bshk->bqhk", p_BxHxLxL, v_BxLxHxK)
-    return jnp.einsum("blhk,hkd->bld", o_BxLxHxK, self.wo[...].astype(dt))
+    o_BxLxHxK = heads(jnp.einsum("bhqs,bshk->bqhk", p_BxHxLxL, v_BxLxHxK))
+    out_BxLxD = jnp.einsum("blhk,hkd->bld", o_BxLxHxK, self.wo[...].astype(dt))
+    return constrain(out_BxLxD, ("batch", None, None))
 
 
 class Mlp(nnx.Module):
@@ -154,14 +186,15 @@ class Mlp(nnx.Module):
     self.w_up = _normal(rngs, (D, F), D**-0.5)
     self.w_down = _normal(rngs, (F, D), F**-0.5)
 
-  def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
+  def __call__(self, x_BxLxD: jax.Array, constrain=_no_constraint) -> jax.Array:
     dt = x_BxLxD.dtype
-    h_BxLxF = x_BxLxD @ self.w_up[...].astype(dt)
+    mlp = lambda y: constrain(y, ("batch", None, "mlp"))
+    h_BxLxF = mlp(x_BxLxD @ self.w_up[...].astype(dt))
     if self.gated:
-      h_BxLxF = jax.nn.silu(x_BxLxD @ self.w_gate[...].astype(dt)) * h_BxLxF
+      h_BxLxF = jax.nn.silu(mlp(x_BxLxD @ self.w_gate[...].astype(dt))) * h_BxLxF
     else:
       h_BxLxF = jax.nn.gelu(h_BxLxF)
-    return h_BxLxF @ self.w_down[...].astype(dt)
+    return constrain(h_BxLxF @ self.w_down[...].astype(dt), ("batch", None, None))
 
 
 class Block(nnx.Module):
@@ -173,9 +206,9 @@ class Block(nnx.Module):
     self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
     self.mlp = Mlp(cfg, rngs)
 
-  def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
-    x_BxLxD = x_BxLxD + self.attn(self.attn_norm(x_BxLxD))
-    return x_BxLxD + self.mlp(self.mlp_norm(x_BxLxD))
+  def __call__(self, x_BxLxD: jax.Array, constrain=_no_constraint) -> jax.Array:
+    x_BxLxD = x_BxLxD + self.attn(self.attn_norm(x_BxLxD), constrain)
+    return x_BxLxD + self.mlp(self.mlp_norm(x_BxLxD), constrain)
 
 
 class Transformer(nnx.Module):
@@ -191,15 +224,23 @@ class Transformer(nnx.Module):
     if not cfg.tied_embeddings:
       self.unembed = _normal(rngs, (cfg.d_model, cfg.vocab_size), 0.02)  # [D, V]
 
-  def __call__(self, tokens_BxL: jax.Array) -> jax.Array:
+  def __call__(self, tokens_BxL: jax.Array, constrain=_no_constraint) -> jax.Array:
     dt = _DTYPES[self.cfg.dtype]
     x_BxLxD = jnp.take(self.embed[...], tokens_BxL, axis=0).astype(dt)
+    x_BxLxD = constrain(x_BxLxD, ("batch", None, None))
+    run_block = lambda block, x: block(x, constrain)
+    if self.cfg.remat == "block":
+      # Keeps only each block's input for the backward pass and recomputes the rest: activation
+      # memory falls from O(layers · activations of a block) to O(layers · B·L·D + one block).
+      run_block = nnx.remat(run_block)
     for block in self.blocks:
-      x_BxLxD = block(x_BxLxD)
+      x_BxLxD = run_block(block, x_BxLxD)
     x_BxLxD = self.final_norm(x_BxLxD)
     w_DxV = self.embed[...].T if self.cfg.tied_embeddings else self.unembed[...]
     # Accumulate in float32: the softmax over 32k classes and the z-loss need full precision.
-    return jnp.einsum("bld,dv->blv", x_BxLxD, w_DxV.astype(dt), preferred_element_type=jnp.float32)
+    logits = jnp.einsum("bld,dv->blv", x_BxLxD, w_DxV.astype(dt),
+                        preferred_element_type=jnp.float32)
+    return constrain(logits, ("batch", None, "vocab"))
 
 
 def init_params(cfg: ModelConfig, rng: jax.Array) -> dict:
@@ -214,18 +255,25 @@ def _abstract(cfg: ModelConfig):
   return nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
 
 
-def apply(cfg: ModelConfig, params: dict, tokens_BxL: jax.Array) -> jax.Array:
-  """Pure forward pass: logits [B, L, V] float32. Safe under jit, vmap and grad."""
+def apply(cfg: ModelConfig, params: dict, tokens_BxL: jax.Array,
+          constrain=_no_constraint) -> jax.Array:
+  """Pure forward pass: logits [B, L, V] float32. Safe under jit, vmap and grad.
+
+  `constrain(x, names)` is called on the activations with one logical name (or None) per
+  dimension, e.g. ("batch", None, "heads", None); `sharding.activation_constraint` turns it
+  into sharding constraints for a mesh.
+  """
   graphdef, abstract_state = _abstract(cfg)
   state = jax.tree.map(lambda x: x, abstract_state)  # a fresh copy: the cached one is never filled
   nnx.replace_by_pure_dict(state, params)
-  return nnx.merge(graphdef, state)(tokens_BxL)
+  return nnx.merge(graphdef, state)(tokens_BxL, constrain)
 
 
-def loss_fn(cfg: ModelConfig, params: dict, batch: jax.Array) -> tuple[jax.Array, dict]:
+def loss_fn(cfg: ModelConfig, params: dict, batch: jax.Array,
+            constrain=_no_constraint) -> tuple[jax.Array, dict]:
   """Next-token loss on batch [B, L+1]: mean cross-entropy + z_loss * mean(logsumexp^2)."""
   inputs_BxL, targets_BxL = batch[:, :-1], batch[:, 1:]
-  logits_BxLxV = apply(cfg, params, inputs_BxL)
+  logits_BxLxV = apply(cfg, params, inputs_BxL, constrain)
   lse_BxL = jax.nn.logsumexp(logits_BxLxV, axis=-1)
   target_logit_BxL = jnp.take_along_axis(logits_BxLxV, targets_BxL[..., None], axis=-1)[..., 0]
   ce = jnp.mean(lse_BxL - target_logit_BxL)
@@ -238,3 +286,20 @@ def param_count(cfg: ModelConfig) -> int:
   """Number of parameters, from shapes only (no allocation, fast even for the 4B config)."""
   shapes = jax.eval_shape(functools.partial(init_params, cfg), jax.random.key(0))
   return sum(x.size for x in jax.tree.leaves(shapes))
+
+
+def logical_axes(params: dict) -> dict:
+  """The logical axis names of every leaf of a params tree (arrays or ShapeDtypeStructs), a
+  tree of tuples with one name per dimension (see LOGICAL_AXES)."""
+  def names(path, leaf):
+    key = _key_name(path[-1])
+    if key not in LOGICAL_AXES or len(LOGICAL_AXES[key]) != len(leaf.shape):
+      raise ValueError(f"no logical axes for the parameter {jax.tree_util.keystr(path)} of "
+                       f"shape {tuple(leaf.shape)}")
+    return LOGICAL_AXES[key]
+  return jax.tree_util.tree_map_with_path(names, params)
+
+
+def _key_name(entry) -> object:
+  """The raw key of one path entry (dict key or sequence index)."""
+  return getattr(entry, "key", getattr(entry, "idx", entry))
