@@ -27,9 +27,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import struct
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+import dataclasses
 
 from diloco_jax import collectives, fragments as fragments_lib, inner, mesh as mesh_lib, outer
+from diloco_jax import sharding
 from diloco_jax.quantize import Codec, get_codec
 
 PyTree = Any
@@ -39,7 +42,9 @@ LossFn = Callable[[PyTree, jax.Array], tuple[jax.Array, dict]]
 class DilocoState(struct.PyTreeNode):
   """Everything a (Streaming) DiLoCo run needs to continue, bit for bit.
 
-  Fields (M workers, P fragments; "[M, ...]" leaves are sharded P(WORKER, ...)):
+  Fields (M workers, P fragments). Shardings come from the params' specs (`sharding.py`): a leaf
+  with spec S is `P(WORKER, *S)` in the per-worker fields and `P(*S)` in the outer ones, which are
+  replicated over workers and, with `offload_outer`, live in host memory (pinned_host):
     step:            int32 [] — inner steps completed (t of the last step).
     local_params:    params pytree, leaves [M, ...] — θ_m, each worker's own parameters.
     inner_opt_state: optax state, leaves [M, ...] — each worker's AdamW state (never communicated).
@@ -81,13 +86,19 @@ class StreamingDiLoCo:
       payload crosses the worker axis; see collectives.py).
     error_feedback: keep each worker's quantization residual and add it to its next Δ.
     max_steps_in_flight: how far the host may run ahead of the device (see `DispatchBound`).
+    param_specs: a PartitionSpec per params leaf (no worker axis; `sharding.param_specs`), or a
+      callable params -> specs; default: every leaf replicated inside a worker.
+    offload_outer: keep the outer copy, the outer optimizer state and the in-flight outer
+      gradients in host memory (pinned_host); each send/receive brings only its fragment to the
+      device (the schedule is static, so only that fragment is ever needed there).
   """
 
   def __init__(self, loss_fn: LossFn, inner_opt: optax.GradientTransformation,
                outer_opt: optax.GradientTransformation, *, num_workers: int, inner_steps: int,
                mesh: Mesh | None = None, fragments=None, overlap_steps: int | Sequence[int] = 0,
                merge_alpha: float = 0.0, codec: Codec | str = "fp32", wire: str = "reference",
-               error_feedback: bool = False, max_steps_in_flight: int = 2):
+               error_feedback: bool = False, max_steps_in_flight: int = 2,
+               param_specs=None, offload_outer: bool = False):
     if num_workers < 1:
       raise ValueError(f"diloco.num_workers (M) must be at least 1, got {num_workers}")
     if inner_steps < 1:
@@ -115,6 +126,8 @@ class StreamingDiLoCo:
     self.mesh = mesh if mesh is not None else mesh_lib.make_mesh(num_workers)
     self._bound = DispatchBound(max_steps_in_flight)
     self._fragments_arg = fragments
+    self._specs_arg = param_specs
+    self.offload_outer = bool(offload_outer)
     self.fragments: fragments_lib.Fragments | None = None
     self.schedule: fragments_lib.Schedule | None = None
 
@@ -122,7 +135,8 @@ class StreamingDiLoCo:
   def _bind(self, params: PyTree) -> None:
     """Fixes the fragments and the schedule from the params' structure (static Python)."""
     # A re-init (possibly with another params structure) starts from fresh programs.
-    for name in ("_inner_step", "_sync", "_send", "_receive_first", "_receive_late"):
+    for name in ("_inner_step", "_sync", "_send", "_receive_first", "_receive_late",
+                 "fragment_bits"):
       self.__dict__.pop(name, None)
     self._last_t = None
     self._bound.reset()
@@ -134,9 +148,19 @@ class StreamingDiLoCo:
     self.fragments = f
     self.fragment_numel = f.sizes(params)
     self.schedule = fragments_lib.Schedule(H=self.H, P=f.num_fragments, tau=max(self.taus))
+    specs = self._specs_arg(params) if callable(self._specs_arg) else self._specs_arg
+    self.specs = sharding.param_specs(self.mesh, params, None) if specs is None else specs
+    self.layout = _Layout.build(self, params)
+    shapes = [x.shape for x in jax.tree.leaves(params)]
+    paths = [jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    collectives.check_blocks(shapes, jax.tree.leaves(self.specs, is_leaf=sharding.is_spec),
+                             self.mesh, self.codec, paths)
 
   def init(self, params: PyTree, rng: jax.Array | None = None) -> DilocoState:
-    """Every worker starts from the same `params`; θ_g = params; outer states per fragment."""
+    """Every worker starts from the same `params`; θ_g = params; outer states per fragment.
+
+    Built under jit straight into the state's layout (`self.layout`): `params` may be sharded
+    by its specs already, and no device ever holds more than its shard of any field."""
     self._bind(params)
     rng = jax.random.PRNGKey(0) if rng is None else rng
     f = self.fragments
@@ -151,23 +175,16 @@ class StreamingDiLoCo:
           for p in range(f.num_fragments))
       residual = tuple(jnp.zeros((self.M,) + x.shape, jnp.float32)
                        for x in jax.tree.leaves(params)) if self.error_feedback else ()
-      return DilocoState(
-          step=self._repl(jnp.zeros((), jnp.int32)), local_params=self._per_worker(local),
-          inner_opt_state=self._per_worker(inner_state), outer_params=self._repl(params),
-          outer_opt_state=self._repl(outer_states), inflight=self._repl(inflight),
-          residual=self._per_worker(residual), rng=self._repl(rng))
+      return DilocoState(step=jnp.zeros((), jnp.int32), local_params=local,
+                         inner_opt_state=inner_state, outer_params=params,
+                         outer_opt_state=outer_states, inflight=inflight, residual=residual,
+                         rng=rng)
 
-    return jax.jit(build)(params, rng)
+    return jax.jit(build, out_shardings=self.layout.home_state())(params, rng)
 
-  # Every program pins its outputs' shardings (per-worker leaves over WORKER, the rest
-  # replicated), so the state's layout never changes between programs: no recompiles.
-  def _per_worker(self, tree):
-    return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(
-        x, mesh_lib.worker_sharding(self.mesh, x.ndim - 1)), tree)
-
-  def _repl(self, tree):
-    return jax.tree.map(
-        lambda x: jax.lax.with_sharding_constraint(x, mesh_lib.replicated(self.mesh)), tree)
+  def state_shardings(self) -> DilocoState:
+    """The sharding of every state field (where it lives between programs), after init."""
+    return self.layout.home_state()
 
   # ----------------------------------------------------------------------------- the programs
   # Each program takes only what it reads, so a send in flight is not an input of the next inner
@@ -180,21 +197,27 @@ class StreamingDiLoCo:
       return params, opt_state, loss
 
     all_workers = jax.vmap(one_worker, spmd_axis_name=mesh_lib.WORKER)
+    lay = self.layout
 
+    # Every program pins its outputs' shardings (out_shardings: the state's layout), so the
+    # layout never changes between programs and nothing recompiles.
     def step(t, local, opt_state, batch_MxB):
       local, opt_state, loss_M = all_workers(local, opt_state, batch_MxB)
-      return self._repl(t + 1), self._per_worker(local), self._per_worker(opt_state), loss_M
+      return t + 1, local, opt_state, loss_M
 
-    return jax.jit(step, donate_argnums=(0, 1, 2))
+    return jax.jit(step, donate_argnums=(0, 1, 2),
+                   out_shardings=(lay.repl, lay.local, lay.inner_opt, lay.worker_vector))
 
   def _reduce(self, p: int, outer_p: list, local_p: list, residual_p: list, rng):
     """The send: Δ_p = mean_m Q(θ_{g,p} − θ_{m,p} [+ residual]) in fp32, and diagnostics."""
+    outer_p = self.layout.to_device(outer_p, self.layout.frag("outer", p))
     delta = outer.outer_gradient(outer_p, local_p)
     rng, sub = jax.random.split(rng)
     if self.error_feedback:
       delta = [d + r for d, r in zip(delta, residual_p)]
     mean, sent, sq_norms = collectives.worker_mean(delta, self.codec, self.mesh, wire=self.wire,
-                                                   rng=sub if self.codec.stochastic else None)
+                                                   rng=sub if self.codec.stochastic else None,
+                                                   specs=self.fragments.select(self.specs, p))
     metrics = {f"outer_grad_norm/{p}": inner.global_norm(mean)}
     if self.codec.name != "fp32":
       metrics[f"quant_rel_error/{p}"] = collectives.relative_error(delta, sent)
@@ -202,52 +225,76 @@ class StreamingDiLoCo:
       residual_p = [d - s for d, s in zip(delta, sent)]
     if self.M > 1:   # pairwise cosine of the outer gradients as sent
       metrics[f"outer_grad_cosine/{p}"] = outer.pairwise_cosine(mean, sq_norms)
-    return self._repl(mean), self._per_worker(residual_p), self._repl(rng), metrics
+    return mean, residual_p, rng, metrics
+
+  def _send_shardings(self, p: int):
+    """out_shardings of a send: (in-flight mean, residuals, rng, metrics)."""
+    lay = self.layout
+    return (lay.home_frag("inflight", p), lay.frag("residual", p) if self.error_feedback else [],
+            lay.repl, lay.repl)
 
   def _merge_workers(self, local_p: list, outer_p: list, d: int) -> list:
     """θ_{m,p} ← α·θ_{m,p} + (1−α)·θ_{g,p} for the workers with τ_m = d; the others keep theirs."""
     merged = outer.merge(local_p, outer_p, self.alpha)
     mask = np.array([tau == d for tau in self.taus])
     if mask.all():
-      return self._per_worker(merged)
+      return merged
     pick = lambda m, w: jnp.where(mask.reshape((-1,) + (1,) * (w.ndim - 1)), m, w)
-    return self._per_worker([pick(m, w) for m, w in zip(merged, local_p)])
+    return [pick(m, w) for m, w in zip(merged, local_p)]
 
-  def _outer_step(self, outer_p, opt_p, mean):
-    g, opt_p = outer.outer_update(self.outer_opt, outer_p, opt_p, mean)
-    return self._repl(g), self._repl(opt_p)
+  def _outer_step(self, p, outer_p, opt_p, mean):
+    """θ_{g,p} ← OuterOpt_p(θ_{g,p}, Δ_p) on the device (offloaded inputs are brought over)."""
+    lay = self.layout
+    outer_p = lay.to_device(outer_p, lay.frag("outer", p))
+    opt_p = lay.to_device(opt_p, lay.outer_opt[p])
+    mean = lay.to_device(mean, lay.frag("inflight", p))
+    return outer.outer_update(self.outer_opt, outer_p, opt_p, mean)
 
   @functools.cached_property
   def _sync(self):
     """min τ = 0: send, outer step and the τ=0 workers' merge of fragment p as one program."""
+    lay = self.layout
+
     def sync(p, outer_p, local_p, opt_p, residual_p, rng):
       mean, residual_p, rng, metrics = self._reduce(p, outer_p, local_p, residual_p, rng)
-      g, opt_p = self._outer_step(outer_p, opt_p, mean)
+      g, opt_p = self._outer_step(p, outer_p, opt_p, mean)
       return g, self._merge_workers(local_p, g, 0), opt_p, residual_p, rng, metrics
-    return [jax.jit(functools.partial(sync, p), donate_argnums=(0, 1, 2, 3))
-            for p in range(self.fragments.num_fragments)]
+
+    return [jax.jit(functools.partial(sync, p), donate_argnums=(0, 1, 2, 3), out_shardings=(
+        lay.home_frag("outer", p), lay.frag("local", p), lay.home_outer_opt(p),
+        *self._send_shardings(p)[1:])) for p in range(self.fragments.num_fragments)]
 
   @functools.cached_property
   def _send(self):
-    return [jax.jit(functools.partial(self._reduce, p), donate_argnums=(2,))
+    return [jax.jit(functools.partial(self._reduce, p), donate_argnums=(2,),
+                    out_shardings=self._send_shardings(p))
             for p in range(self.fragments.num_fragments)]
 
   @functools.cached_property
   def _receive_first(self):
     """At t_send + min τ: the outer step on the in-flight mean, and those workers' merge."""
-    def receive(outer_p, local_p, opt_p, mean):
-      g, opt_p = self._outer_step(outer_p, opt_p, mean)
+    lay = self.layout
+
+    def receive(p, outer_p, local_p, opt_p, mean):
+      g, opt_p = self._outer_step(p, outer_p, opt_p, mean)
       return g, self._merge_workers(local_p, g, self.tau_first), opt_p
     # The mean is not donated: it stays in state.inflight (a checkpoint may save it) until the
     # fragment's next send overwrites it.
-    return jax.jit(receive, donate_argnums=(0, 1, 2))
+    return [jax.jit(functools.partial(receive, p), donate_argnums=(0, 1, 2), out_shardings=(
+        lay.home_frag("outer", p), lay.frag("local", p), lay.home_outer_opt(p)))
+            for p in range(self.fragments.num_fragments)]
 
   @functools.cached_property
   def _receive_late(self):
     """At t_send + τ_m > min τ (heterogeneous slack): worker m merges the already-updated θ_g."""
-    merge = lambda d, local_p, g: self._merge_workers(local_p, g, d)
-    return {d: jax.jit(functools.partial(merge, d), donate_argnums=(0,))
-            for d in sorted(set(self.taus)) if d != self.tau_first}
+    lay = self.layout
+
+    def merge(d, p, local_p, g):
+      return self._merge_workers(local_p, lay.to_device(g, lay.frag("outer", p)), d)
+    return {(d, p): jax.jit(functools.partial(merge, d, p), donate_argnums=(0,),
+                            out_shardings=lay.frag("local", p))
+            for d in sorted(set(self.taus)) if d != self.tau_first
+            for p in range(self.fragments.num_fragments)}
 
   # ------------------------------------------------------------------------------- host loop
   def step(self, state: DilocoState, batch_MxB: jax.Array, t: int):
@@ -276,13 +323,13 @@ class StreamingDiLoCo:
       for p in self.schedule.sends(t - d):
         local_p = f.select(state.local_params, p)
         if d == self.tau_first:
-          g, local_p, opt_p = self._receive_first(
+          g, local_p, opt_p = self._receive_first[p](
               f.select(state.outer_params, p), local_p, state.outer_opt_state[p],
               state.inflight[p])
           state = state.replace(outer_params=f.merge_into(state.outer_params, p, g),
                                 outer_opt_state=_replace_at(state.outer_opt_state, p, opt_p))
         else:
-          local_p = self._receive_late[d](local_p, f.select(state.outer_params, p))
+          local_p = self._receive_late[d, p](local_p, f.select(state.outer_params, p))
         state = state.replace(local_params=f.merge_into(state.local_params, p, local_p))
     for p in self.schedule.sends(t):   # sends
       outer_p, local_p = f.select(state.outer_params, p), f.select(state.local_params, p)
@@ -317,22 +364,29 @@ class StreamingDiLoCo:
                     (outer_p, local_p, state.outer_opt_state[p], residual_p, state.rng)))
       else:
         out.append((f"send[{p}]", self._send[p], (outer_p, local_p, residual_p, state.rng)))
-        out.append((f"receive[{p}]", self._receive_first,
+        out.append((f"receive[{p}]", self._receive_first[p],
                     (outer_p, local_p, state.outer_opt_state[p], state.inflight[p])))
     return out
 
   def bits_sent(self, t: int) -> int:
-    """Bits one worker transmits at step t (ring all-reduce convention, docs/design.md)."""
-    total = 0
-    for p in self.schedule.sends(t):
-      total += collectives.bits_per_worker(self.fragment_numel[p], self.codec, self.M, self.wire)
-    return total
+    """Bits one worker transmits at step t (ring all-reduce convention, docs/design.md), summed
+    over the worker's devices, each of which sends its own shards."""
+    return sum(self.fragment_bits[p] for p in self.schedule.sends(t))
+
+  @functools.cached_property
+  def fragment_bits(self) -> tuple[int, ...]:
+    """Bits one worker sends for each fragment's sync."""
+    f, lay = self.fragments, self.layout
+    return tuple(collectives.bits_per_worker(
+        lay.frag_shapes[p], self.codec, self.M, self.wire, f.select(self.specs, p), self.mesh)
+        for p in range(f.num_fragments))
 
   def eval_params(self, state: DilocoState, which: str = "outer") -> PyTree:
     """The parameters to evaluate: the outer copy θ_g (the paper's choice), the worker mean, or
     worker 0. Fresh arrays: the next step donates the state's buffers."""
     if which == "outer":
-      return _copy_tree(state.outer_params)
+      return jax.jit(lambda t: jax.tree.map(jnp.copy, t), out_shardings=sharding.named(
+          self.mesh, self.specs))(state.outer_params)   # from host memory too, when offloaded
     if which == "worker_mean":
       return jax.tree.map(lambda x: jnp.mean(x, axis=0), state.local_params)
     if which == "worker0":
@@ -344,6 +398,81 @@ class StreamingDiLoCo:
 def _copy_tree(tree):
   """One program that copies a whole tree (a jit without donation returns new buffers)."""
   return jax.tree.map(jnp.copy, tree)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+  """Where every state field lives: NamedShardings from the params' specs (see DilocoState).
+
+  The device-memory shardings are what programs compute on; `home_*` are where the fields rest
+  between programs (pinned_host for the outer fields with `offload_outer`).
+  """
+
+  algo: Any
+  repl: Any
+  worker_vector: Any
+  local: PyTree
+  inner_opt: PyTree
+  outer: PyTree
+  outer_opt: tuple
+  residual: tuple
+  frag_shapes: tuple
+
+  @classmethod
+  def build(cls, algo: "StreamingDiLoCo", params: PyTree) -> "_Layout":
+    mesh, specs, f = algo.mesh, algo.specs, algo.fragments
+    worker = lambda tree: jax.tree.map(sharding.per_worker, tree, is_leaf=sharding.is_spec)
+    inner_specs = sharding.opt_state_specs(algo.inner_opt, params, specs)
+    outer_opt = tuple(
+        sharding.named(mesh, sharding.opt_state_specs(
+            algo.outer_opt, f.select(params, p), f.select(specs, p)))
+        for p in range(f.num_fragments))
+    leaf_specs = jax.tree.leaves(specs, is_leaf=sharding.is_spec)
+    return cls(
+        algo=algo, repl=NamedSharding(mesh, P()),
+        worker_vector=NamedSharding(mesh, P(mesh_lib.WORKER)),
+        local=sharding.named(mesh, worker(specs)),
+        inner_opt=sharding.named(mesh, worker(inner_specs)),
+        outer=sharding.named(mesh, specs), outer_opt=outer_opt,
+        residual=tuple(NamedSharding(mesh, sharding.per_worker(s)) for s in leaf_specs),
+        frag_shapes=tuple([tuple(x.shape) for x in f.select(params, p)]
+                          for p in range(f.num_fragments)))
+
+  def _host(self, tree):
+    if not self.algo.offload_outer:
+      return tree
+    return jax.tree.map(lambda s: s.with_memory_kind("pinned_host"), tree)
+
+  def frag(self, field: str, p: int) -> list:
+    """Device shardings of fragment p's leaves of a field: local, outer, inflight, residual."""
+    f = self.algo.fragments
+    if field == "residual":
+      return [self.residual[i] for i in f.leaf_indices(p)]
+    return f.select(self.local if field == "local" else self.outer, p)
+
+  def home_frag(self, field: str, p: int) -> list:
+    out = self.frag(field, p)
+    return self._host(out) if field in ("outer", "inflight") else out
+
+  def home_outer_opt(self, p: int):
+    return self._host(self.outer_opt[p])
+
+  def to_device(self, tree, shardings):
+    """Inside a program: the offloaded inputs brought into device memory (no-op otherwise)."""
+    if not self.algo.offload_outer:
+      return tree
+    return jax.tree.map(jax.device_put, tree, shardings)
+
+  def home_state(self) -> "DilocoState":
+    algo, f = self.algo, self.algo.fragments
+    P_ = f.num_fragments
+    return DilocoState(
+        step=self.repl, local_params=self.local, inner_opt_state=self.inner_opt,
+        outer_params=self._host(self.outer),
+        outer_opt_state=tuple(self.home_outer_opt(p) for p in range(P_)),
+        inflight=() if algo.tau_first == 0 else tuple(self.home_frag("inflight", p)
+                                                      for p in range(P_)),
+        residual=self.residual if algo.error_feedback else (), rng=self.repl)
 
 
 class DispatchBound:
@@ -407,10 +536,14 @@ class DPState(struct.PyTreeNode):
 
 class DataParallel:
   """The baseline: every step, each worker's gradient on its own batch, averaged over workers
-  (the all-reduce), then one optimizer step on the single shared model."""
+  (the all-reduce), then one optimizer step on the single shared model. With `param_specs` the
+  model and its optimizer state are sharded inside a worker by the same rules as DiLoCo's
+  (FSDP over the data axis, tensor parallelism over the model axis) and replicated over
+  workers."""
 
   def __init__(self, loss_fn: LossFn, opt: optax.GradientTransformation, *, num_workers: int,
-               mesh: Mesh | None = None, grad_dtype=jnp.float32, max_steps_in_flight: int = 2):
+               mesh: Mesh | None = None, grad_dtype=jnp.float32, max_steps_in_flight: int = 2,
+               param_specs=None):
     if num_workers < 1:
       raise ValueError(f"diloco.num_workers (M) must be at least 1, got {num_workers}")
     self.loss_fn = loss_fn
@@ -419,16 +552,27 @@ class DataParallel:
     self.mesh = mesh if mesh is not None else mesh_lib.make_mesh(num_workers)
     self.grad_bits = jnp.dtype(grad_dtype).itemsize * 8
     self.numel = 0
+    self._specs_arg = param_specs
     self._bound = DispatchBound(max_steps_in_flight)
 
   def init(self, params: PyTree, rng: jax.Array | None = None) -> DPState:
     del rng
     self._bound.reset()
+    self.__dict__.pop("_step", None)
     self.numel = sum(x.size for x in jax.tree.leaves(params))
+    specs = self._specs_arg(params) if callable(self._specs_arg) else self._specs_arg
+    self.specs = sharding.param_specs(self.mesh, params, None) if specs is None else specs
+    self.shardings = DPState(
+        step=NamedSharding(self.mesh, P()), params=sharding.named(self.mesh, self.specs),
+        opt_state=sharding.named(self.mesh, sharding.opt_state_specs(self.opt, params,
+                                                                      self.specs)))
     # Built under jit so the state owns fresh buffers: the step donates them, and the caller's
     # params must survive that.
     build = lambda p: DPState(step=jnp.zeros((), jnp.int32), params=p, opt_state=self.opt.init(p))
-    return jax.jit(build, out_shardings=mesh_lib.replicated(self.mesh))(params)
+    return jax.jit(build, out_shardings=self.shardings)(params)
+
+  def state_shardings(self) -> DPState:
+    return self.shardings
 
   @functools.cached_property
   def _step(self):
@@ -441,12 +585,10 @@ class DataParallel:
       grads = jax.tree.map(lambda g: jnp.mean(g, axis=0), grads_M)  # the all-reduce
       updates, opt_state = self.opt.update(grads, state.opt_state, state.params)
       params = optax.apply_updates(state.params, updates)
-      out = DPState(step=state.step + 1, params=params, opt_state=opt_state)
-      out = jax.tree.map(
-          lambda x: jax.lax.with_sharding_constraint(x, mesh_lib.replicated(self.mesh)), out)
-      return out, {"loss": loss_M}
+      return DPState(step=state.step + 1, params=params, opt_state=opt_state), {"loss": loss_M}
 
-    return jax.jit(step, donate_argnums=0)
+    return jax.jit(step, donate_argnums=0, out_shardings=(
+        self.shardings, {"loss": NamedSharding(self.mesh, P(mesh_lib.WORKER))}))
 
   def step(self, state: DPState, batch_MxB: jax.Array, t: int):
     del t

@@ -1,4 +1,10 @@
-"""Device meshes with the axis names WORKER, DATA and MODEL.
+"""Device meshes with the axis names WORKER, DATA, EXPERT, CONTEXT and MODEL.
+
+The mesh is an ordered list of (axis, size): `worker` first, then the axes inside one worker:
+`data` (FSDP: the batch and the parameters' `embed` dimension), `expert` (expert parallelism),
+`context` (the sequence, ring attention) and `model` (tensor parallelism: heads, MLP, vocab).
+Every axis is always present (size 1 when unused), so a PartitionSpec naming it is valid on
+every mesh. Which parameter dimension goes on which axis is `sharding.py`'s rule table.
 
 The worker axis carries the DiLoCo replicas (M); it is the axis that may cross the slow network.
 `device_grid` decides which device sits where:
@@ -9,7 +15,7 @@ The worker axis carries the DiLoCo replicas (M); it is the axis that may cross t
   CPU processes): the worker axis goes over the granules (the DCN / inter-node network) with
   `mesh_utils.create_hybrid_device_mesh`, and a worker's data and model axes stay inside its
   granule. With more granules than workers, each worker spans G/M granules and its data axis
-  crosses them.
+  crosses them. The expert, context and model axes never leave a granule.
 
 Only this module spells the axis names.
 """
@@ -25,8 +31,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 WORKER = "worker"
 DATA = "data"
+EXPERT = "expert"
+CONTEXT = "context"
 MODEL = "model"
-AXES = (WORKER, DATA, MODEL)
+AXES = (WORKER, DATA, EXPERT, CONTEXT, MODEL)
+INNER_AXES = AXES[1:]   # the axes inside one worker (its slice / node): never the slow network
 
 
 def set_cpu_device_count(n: int) -> None:
@@ -46,10 +55,10 @@ def set_cpu_device_count(n: int) -> None:
   jax.config.update("jax_num_cpu_devices", n)
 
 
-def worker_axis_size(num_workers: int, num_devices: int, data: int = 1, model: int = 1) -> int:
+def worker_axis_size(num_workers: int, num_devices: int, per_worker: int = 1) -> int:
   """The largest divisor of M whose mesh fits the devices: more workers than devices still works,
   the leading worker dimension is then only partly sharded (several workers per device)."""
-  fit = max(1, num_devices // (data * model))
+  fit = max(1, num_devices // per_worker)
   return max(d for d in range(1, num_workers + 1) if num_workers % d == 0 and d <= fit)
 
 
@@ -63,24 +72,36 @@ def _granules(devices) -> tuple[str | None, list[list]]:
   return None, [list(devices)]
 
 
-def device_grid(num_workers: int, data: int = 1, model: int = 1, devices=None) -> np.ndarray:
-  """The [worker, data, model] array of devices for M workers (see the module docstring).
+def inner_sizes(data: int = 1, model: int = 1, expert: int = 1, context: int = 1) -> tuple:
+  """The sizes of INNER_AXES, in their order."""
+  sizes = {DATA: data, EXPERT: expert, CONTEXT: context, MODEL: model}
+  for name, n in sizes.items():
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+      raise ValueError(f"mesh.{name} must be an integer >= 1, got {n!r}")
+  return tuple(sizes[a] for a in INNER_AXES)
+
+
+def device_grid(num_workers: int, data: int = 1, model: int = 1, devices=None, *,
+                expert: int = 1, context: int = 1) -> np.ndarray:
+  """The [worker, data, expert, context, model] array of devices for M workers (see the module
+  docstring).
 
   Works on any objects with JAX's device attributes (`platform`, `process_index`, and for TPU
   `slice_index`, `coords`, `core_on_chip`, `device_kind`), so it is tested on fake topologies.
   """
   devices = list(jax.devices() if devices is None else devices)
-  per_worker = data * model
+  inner = inner_sizes(data, model, expert, context)
+  per_worker = int(np.prod(inner))
   attr, groups = _granules(devices)
   if attr is None:   # one slice / node / process: the workers share it
-    w = worker_axis_size(num_workers, len(devices), data, model)
+    w = worker_axis_size(num_workers, len(devices), per_worker)
     n = w * per_worker
     if n > len(devices):
-      raise ValueError(f"mesh needs data*model={per_worker} devices per worker but only "
-                       f"{len(devices)} devices exist")
+      raise ValueError(f"mesh needs {per_worker} devices per worker (mesh.data x mesh.model ..."
+                       f" = {' x '.join(map(str, inner))}) but only {len(devices)} devices exist")
     if devices[0].platform == "tpu" and n == len(devices):
-      return mesh_utils.create_device_mesh((w, data, model), devices)
-    return np.asarray(devices[:n], dtype=object).reshape(w, data, model)
+      return mesh_utils.create_device_mesh((w, *inner), devices)
+    return np.asarray(devices[:n], dtype=object).reshape(w, *inner)
   g, size = len(groups), len(groups[0])
   name = "slice" if attr == "slice_index" else "process"
   names = "slices" if attr == "slice_index" else "processes"
@@ -89,21 +110,23 @@ def device_grid(num_workers: int, data: int = 1, model: int = 1, devices=None) -
                      f"{[len(x) for x in groups]}")
   if num_workers % g == 0:   # k workers per granule, the worker axis over the slow network
     k = num_workers // g
-    w_in = worker_axis_size(k, size, data, model)
+    w_in = worker_axis_size(k, size, per_worker)
     if w_in * per_worker != size:
       raise ValueError(
           f"each {name} has {size} devices but its {k} worker(s) with mesh.data={data} and "
           f"mesh.model={model} fill {w_in * per_worker}; choose mesh.data*mesh.model so that "
           f"a {name}'s devices are all used")
-    ici, dcn = (w_in, data, model), (g, 1, 1)
+    ici, dcn = (w_in, *inner), (g,) + (1,) * len(inner)
   elif g % num_workers == 0:   # each worker spans g/M granules; its data axis crosses them
     span = g // num_workers
-    if data % span or (data // span) * model != size:
+    rest = per_worker // data   # expert * context * model: never across granules
+    if data % span or (data // span) * rest != size:
       raise ValueError(
           f"{num_workers} workers over {g} {names} of {size} devices: each worker spans {span} "
-          f"{names}, so mesh.data must be {span * size // model} (mesh.model={model}), "
+          f"{names}, so mesh.data must be {span * size // rest} (mesh.model={model}), "
           f"got {data}")
-    ici, dcn = (1, data // span, model), (num_workers, span, 1)
+    ici = (1, data // span, *inner[1:])
+    dcn = (num_workers, span) + (1,) * (len(inner) - 1)
   else:
     raise ValueError(f"M={num_workers} workers cannot be spread evenly over {g} {names}: "
                      f"M must divide or be a multiple of the {name} count")
@@ -111,9 +134,21 @@ def device_grid(num_workers: int, data: int = 1, model: int = 1, devices=None) -
       ici, dcn, devices, process_is_granule=attr == "process_index")
 
 
-def make_mesh(num_workers: int, data: int = 1, model: int = 1, devices=None) -> Mesh:
-  """A (worker, data, model) mesh for M workers over the given (default: all) devices."""
-  return Mesh(device_grid(num_workers, data, model, devices), AXES)
+def make_mesh(num_workers: int, data: int = 1, model: int = 1, devices=None, *,
+              expert: int = 1, context: int = 1) -> Mesh:
+  """The (worker, data, expert, context, model) mesh for M workers over the given (default: all)
+  devices."""
+  return Mesh(device_grid(num_workers, data, model, devices, expert=expert, context=context),
+              AXES)
+
+
+def axis_size(mesh: Mesh, name: str) -> int:
+  """The size of axis `name` (1 if the mesh has no such axis)."""
+  return dict(zip(mesh.axis_names, mesh.devices.shape)).get(name, 1)
+
+
+def devices_per_worker(mesh: Mesh) -> int:
+  return int(np.prod([axis_size(mesh, a) for a in INNER_AXES]))
 
 
 def process_batch_rows(mesh: Mesh, shape: tuple[int, ...]) -> tuple[tuple[int, ...], slice]:

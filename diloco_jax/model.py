@@ -226,7 +226,11 @@ class Transformer(nnx.Module):
 
   def __call__(self, tokens_BxL: jax.Array, constrain=_no_constraint) -> jax.Array:
     dt = _DTYPES[self.cfg.dtype]
-    x_BxLxD = jnp.take(self.embed[...], tokens_BxL, axis=0).astype(dt)
+    # The lookup reads whole rows: gather from the table whole (under FSDP/TP it is all-gathered
+    # like every other weight); XLA cannot gather from a vocab-sharded table without first
+    # replicating it anyway.
+    table_VxD = constrain(self.embed[...], (None, None))
+    x_BxLxD = jnp.take(table_VxD, tokens_BxL, axis=0).astype(dt)
     x_BxLxD = constrain(x_BxLxD, ("batch", None, None))
     run_block = lambda block, x: block(x, constrain)
     if self.cfg.remat == "block":

@@ -106,7 +106,7 @@ def test_state_sharding_of_every_field():
   state = algo.init(toy.init_params())
   state, _ = algo.step(state, jax.device_put(toy.batches(1, M, B=4)[0],
                                              mesh_lib.batch_sharding(mesh)), 1)
-  assert dict(mesh.shape) == {"worker": 4, "data": 2, "model": 1}
+  assert dict(mesh.shape) == {"worker": 4, "data": 2, "expert": 1, "context": 1, "model": 1}
   for name in ("local_params", "inner_opt_state", "residual"):
     leaves = jax.tree.leaves(getattr(state, name))
     assert leaves, name

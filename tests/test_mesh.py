@@ -46,7 +46,7 @@ def workers_of(grid, key):
 def test_multislice_puts_the_worker_axis_over_slices(num_slices, M, data):
   devs = tpu_slices(num_slices)
   grid = mesh_lib.device_grid(M, data=data, devices=devs)
-  assert grid.shape == (M, data, 1)
+  assert grid.shape == (M, data, 1, 1, 1)
   assert sorted(d.id for d in grid.ravel()) == [d.id for d in devs]   # every device once
   per_worker = workers_of(grid, lambda d: d.slice_index)
   span = max(1, num_slices // M)
@@ -57,14 +57,14 @@ def test_multislice_puts_the_worker_axis_over_slices(num_slices, M, data):
     assert [min(per_worker[w]) for w in range(M)] == [w // k for w in range(M)]
   # The data axis stays inside a slice unless a worker spans several.
   for w in range(M):
-    data_slices = {d.slice_index for d in grid[w, :, 0]}
+    data_slices = {d.slice_index for d in grid[w, :, 0, 0, 0]}
     assert len(data_slices) == span
 
 
 def test_one_slice_follows_the_physical_torus():
   devs = tpu_slices(1, shape=(2, 2, 2), chips_per_host=4)
   grid = mesh_lib.device_grid(2, data=4, devices=devs)
-  assert grid.shape == (2, 4, 1) and sorted(d.id for d in grid.ravel()) == list(range(8))
+  assert grid.shape == (2, 4, 1, 1, 1) and sorted(d.id for d in grid.ravel()) == list(range(8))
   for w in range(2):   # each worker's 4 chips form a 2x2 face of the 2x2x2 cube
     coords = np.array([d.coords for d in grid[w].ravel()])
     assert sum(len(set(coords[:, i])) == 1 for i in range(3)) == 1
@@ -75,13 +75,13 @@ def test_one_slice_follows_the_physical_torus():
 def test_gpu_nodes_put_the_worker_axis_across_nodes(nodes, gpus, M, data, model):
   devs = gpu_nodes(nodes, gpus)
   grid = mesh_lib.device_grid(M, data=data, model=model, devices=devs)
-  assert grid.shape == (M, data, model)
+  assert grid.shape == (M, data, 1, 1, model)
   assert sorted(d.id for d in grid.ravel()) == list(range(nodes * gpus))
   per_worker = workers_of(grid, lambda d: d.process_index)
   assert all(len(v) == max(1, nodes // M) for v in per_worker.values())
   for w in range(M):   # the model axis never leaves a node
     for i in range(data):
-      assert len({d.process_index for d in grid[w, i]}) == 1
+      assert len({d.process_index for d in grid[w, i].ravel()}) == 1
 
 
 def test_cpu_processes_group_workers_by_process():
@@ -103,9 +103,9 @@ def test_bad_topologies_name_the_fix(devs, M, data, match):
 
 def test_simulated_cpu_devices_unchanged():
   grid = mesh_lib.device_grid(4, devices=jax.devices()[:8])
-  assert grid.shape == (4, 1, 1) and [d.id for d in grid.ravel()] == [0, 1, 2, 3]
+  assert grid.shape == (4, 1, 1, 1, 1) and [d.id for d in grid.ravel()] == [0, 1, 2, 3]
   grid = mesh_lib.device_grid(8, data=2, devices=jax.devices()[:8])   # 4 x 2: two workers/device
-  assert grid.shape == (4, 2, 1)
+  assert grid.shape == (4, 2, 1, 1, 1)
   m = mesh_lib.make_mesh(4)
   assert mesh_lib.process_batch_rows(m, (4, 6, 9)) == ((0, 1, 2, 3), slice(0, 6))
   assert mesh_lib.process_batch_rows(mesh_lib.make_mesh(8), (8, 2, 9)) == (tuple(range(8)),

@@ -68,15 +68,13 @@ def reference_streaming(params, batches, *, M, H, leaf_fragment, taus, alpha, in
       local[m] = jax.tree.leaves(p_m)
     for p in range(P):   # sends
       if sends_at(t, p):
-        deltas = []
-        for m in range(M):
-          d = jnp.concatenate([(g[i] - local[m][i]).ravel() for i in idx[p]])
-          deltas.append(d if codec is None else codec.roundtrip(d))
-        mean = sum(deltas[1:], deltas[0]) / M
-        parts, start = [], 0
-        for i in idx[p]:
-          parts.append(mean[start:start + g[i].size].reshape(g[i].shape))
-          start += g[i].size
+        parts = []
+        for i in idx[p]:   # each leaf is quantized on its own (blocks never cross leaves)
+          deltas = []
+          for m in range(M):
+            d = (g[i] - local[m][i]).ravel()
+            deltas.append(d if codec is None else codec.roundtrip(d))
+          parts.append((sum(deltas[1:], deltas[0]) / M).reshape(g[i].shape))
         sent_mean[p] = parts
     for p in range(P):   # receives
       for m in range(M):
@@ -314,10 +312,10 @@ def test_packed_wire_hlo_moves_low_bit_payload_and_bits_match_metrics():
       assert not re.search(r"\w+\[\d", reduce_line.split("all-reduce(")[0]), reduce_line
     for shapes in re.findall(r"= \(?([^=]*?)\)? all-reduce\(", hlo):
       assert re.fullmatch(r"(f32\[\](, )?(/\*index=\d+\*/)?)+", shapes), shapes
-    n = algo.fragment_numel[p]
-    assert moved_bits == collectives.bits_per_worker(n, codec, M, "packed")
+    shapes = [x.shape for x in f.select(toy.init_params(), p)]
+    assert moved_bits == collectives.bits_per_worker(shapes, codec, M, "packed")
     assert algo.bits_sent(H + algo.schedule.offset(p)) == moved_bits
-    assert moved_bits == (M - 1) * codec.payload_bits(n)
+    assert moved_bits == (M - 1) * sum(codec.payload_bits(int(np.prod(s))) for s in shapes)
 
 
 # ---------------------------------------------------------------------- the host never waits
@@ -376,11 +374,12 @@ def test_error_feedback_residual_is_what_quantization_dropped():
   idx = f.leaf_indices(0)
   delta = [np.asarray(f.select(params, 0)[k])[None] - np.asarray(f.select(workers, 0)[k])
            for k in range(len(idx))]
-  flat = np.concatenate([d.reshape(M, -1) for d in delta], axis=1)
-  sent = np.stack([np.asarray(codec.roundtrip(jnp.asarray(flat[m]))) for m in range(M)])
-  resid = np.concatenate([np.asarray(state.residual[i]).reshape(M, -1) for i in idx], axis=1)
-  np.testing.assert_allclose(resid, flat - sent, rtol=0, atol=1e-6)
-  assert np.abs(resid).max() > 0
+  for d, i in zip(delta, idx):   # quantized leaf by leaf
+    flat = d.reshape(M, -1)
+    sent = np.stack([np.asarray(codec.roundtrip(jnp.asarray(flat[m]))) for m in range(M)])
+    np.testing.assert_allclose(np.asarray(state.residual[i]).reshape(M, -1), flat - sent,
+                               rtol=0, atol=1e-6)
+  assert max(np.abs(np.asarray(state.residual[i])).max() for i in idx) > 0
   for i in f.leaf_indices(1):   # fragment 1 has not sent: its residual is still zero
     assert not np.asarray(state.residual[i]).any()
 
@@ -410,6 +409,10 @@ def test_error_feedback_adds_the_residual_to_the_next_send():
   state = algo.init(params)
   flat = lambda tree: np.concatenate([np.asarray(x).reshape(M, -1) for x in jax.tree.leaves(tree)], 1)
   g = np.concatenate([np.asarray(x).ravel() for x in jax.tree.leaves(params)])
+  bounds = np.cumsum([0] + [x.size for x in jax.tree.leaves(params)])
+  # Each leaf is quantized on its own: roundtrip the flat vector leaf by leaf.
+  roundtrip = lambda v: np.concatenate([np.asarray(codec.roundtrip(jnp.asarray(v[a:b])))
+                                        for a, b in zip(bounds, bounds[1:])])
   residual = np.zeros_like(flat(state.local_params))
   for t, b in enumerate(bs, start=1):
     if t % H == 0:   # see the workers just before the sync: the inner step alone
@@ -427,7 +430,7 @@ def test_error_feedback_adds_the_residual_to_the_next_send():
                             outer_opt_state=(opt_p,), residual=tuple(res_p), rng=rng)
       algo._last_t = t
       x = g[None] - workers + residual
-      sent = np.stack([np.asarray(codec.roundtrip(jnp.asarray(x[m]))) for m in range(M)])
+      sent = np.stack([roundtrip(x[m]) for m in range(M)])
       np.testing.assert_allclose(flat(state.residual), x - sent, rtol=0, atol=1e-6)
       residual = flat(state.residual)
       g = np.concatenate([np.asarray(v).ravel() for v in jax.tree.leaves(state.outer_params)])
@@ -475,8 +478,10 @@ def test_reference_wire_moves_only_the_fp32_all_reduce():
   hlo = algo._sync[0].lower(*args).compile().as_text()
   for shape in re.findall(r"= (\w+\[[\d,]*\])\{[\d,]*\} all-gather\(", hlo):
     assert int(np.prod([int(x) for x in re.findall(r"\d+", shape)] or [1])) <= M, shape
-  reduces = re.findall(r"= \(?([^=]*?)\)? all-reduce\(", hlo)
+  reduces = re.findall(r"= \(?(.*?)\)? all-reduce\(", hlo)
   sizes = [int(np.prod([int(x) for x in dims.split(",") if x] or [1]))
            for r in reduces for dims in re.findall(r"f32\[([\d,]*)\]", r)]
-  assert max(sizes) == algo.fragment_numel[0]   # the fragment's fp32 outer gradient, once
-  assert algo.bits_sent(4) == 2 * (M - 1) * algo.fragment_numel[0] * 32 // M
+  shapes = [x.shape for x in f.select(toy.init_params(), 0)]
+  # The fragment's fp32 outer gradient, leaf by leaf and once; the rest are scalars.
+  assert sorted(n for n in sizes if n > 1) == sorted(int(np.prod(s)) for s in shapes if s)
+  assert algo.bits_sent(4) == sum(2 * (M - 1) * int(np.prod(s)) * 32 // M for s in shapes)

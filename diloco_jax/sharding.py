@@ -1,0 +1,167 @@
+"""Logical axis rules -> the sharding of every array: parameters, state fields, activations.
+
+A model names every dimension of its parameters with a *logical* axis (`model.logical_axes`:
+`vocab`, `embed`, `heads`, `head_dim`, `mlp`, `norm`, …); the rule table below maps each logical
+name onto a mesh axis inside a worker (MaxText / nanodo style). From that one table:
+
+* a parameter leaf gets `P(*param_spec)`, e.g. `w_up [D, F]` → `P("data", "model")`: FSDP over
+  the data axis (the `embed` dimension), tensor parallelism over the model axis (`mlp`);
+* every per-worker state field (local params, inner optimizer state, error-feedback residuals)
+  gets `P("worker", *param_spec)`, and the outer copy, the outer optimizer state and the
+  in-flight outer gradients `P(*param_spec)`: sharded inside each worker, replicated over
+  workers (`state_specs` in algorithm.py applies these);
+* activations get `P(*activation_spec)` through the `constrain` hook of `model.apply`.
+
+A logical name whose mesh axis has size 1 maps to None, so a spec only names the axes that
+really split something. A dimension that its mesh axis does not divide is a config error
+(one sentence naming the parameter, the model key and the mesh key).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from diloco_jax import mesh as mesh_lib
+
+PyTree = Any
+
+# Logical parameter axis -> mesh axis (None: replicated inside a worker).
+PARAM_RULES: dict[str, str | None] = {
+    "vocab": mesh_lib.MODEL,
+    "embed": mesh_lib.DATA,       # FSDP: every matrix has an embed dimension
+    "heads": mesh_lib.MODEL,
+    "head_dim": None,
+    "mlp": mesh_lib.MODEL,
+    "norm": None,                 # RMSNorm scales: tiny, kept whole on every device
+    "experts": mesh_lib.EXPERT,
+    "layers": None,
+}
+
+# Logical activation axis -> mesh axis. `embed` is not here: activations keep the model
+# dimension whole (FSDP gathers weights, not activations).
+ACTIVATION_RULES: dict[str, str | None] = {
+    "batch": mesh_lib.DATA,
+    "heads": mesh_lib.MODEL,
+    "mlp": mesh_lib.MODEL,
+    "vocab": mesh_lib.MODEL,
+}
+
+# The config key behind each logical dimension, for error messages.
+_MODEL_KEYS = {"vocab": "model.vocab_size", "embed": "model.d_model", "heads": "model.num_heads",
+               "mlp": "model.ffn_dim", "head_dim": "model.head_dim"}
+
+
+def _is_names(x) -> bool:
+  return isinstance(x, tuple) and all(n is None or isinstance(n, str) for n in x)
+
+
+def spec_for(names: Sequence[str | None], mesh: Mesh, rules: dict = PARAM_RULES,
+             shape: Sequence[int] | None = None, what: str = "an array") -> P:
+  """The PartitionSpec of one array from its logical names (see the module docstring)."""
+  out, used = [], set()
+  for i, name in enumerate(names):
+    if name is not None and name not in rules:
+      raise ValueError(f"{what} has the logical axis {name!r}, which the rule table does not "
+                       f"know; known: {sorted(rules)}")
+    axis = rules.get(name) if name is not None else None
+    if axis is None or mesh_lib.axis_size(mesh, axis) == 1 or axis in used:
+      out.append(None)
+      continue
+    n = mesh_lib.axis_size(mesh, axis)
+    if shape is not None and shape[i] % n:
+      key = _MODEL_KEYS.get(name, f"the {name!r} dimension")
+      raise ValueError(f"{what} has {name}={shape[i]} ({key}), which mesh.{axis}={n} does not "
+                       f"divide; choose mesh.{axis} dividing {shape[i]}")
+    used.add(axis)
+    out.append(axis)
+  while out and out[-1] is None:
+    out.pop()
+  return P(*out)
+
+
+def param_specs(mesh: Mesh, params: PyTree, logical: PyTree | None) -> PyTree:
+  """A PartitionSpec per parameter leaf (no worker axis), from the logical names tree (one
+  tuple per leaf, e.g. `model.logical_axes(params)`); None: every leaf replicated."""
+  if logical is None:
+    return jax.tree.map(lambda _: P(), params)
+  paths = jax.tree_util.tree_flatten_with_path(params)[0]
+  names = jax.tree.leaves(logical, is_leaf=_is_names)
+  if len(names) != len(paths):
+    raise ValueError(f"the logical axes name {len(names)} leaves but the params have "
+                     f"{len(paths)}")
+  specs = [spec_for(n, mesh, PARAM_RULES, x.shape, f"the parameter {jax.tree_util.keystr(k)}")
+           for (k, x), n in zip(paths, names)]
+  return jax.tree.unflatten(jax.tree.structure(params), specs)
+
+
+def per_worker(spec: P) -> P:
+  """The spec of a leaf with a leading [M] worker dimension."""
+  return P(mesh_lib.WORKER, *spec)
+
+
+def is_spec(x) -> bool:
+  return isinstance(x, P)
+
+
+def opt_state_specs(opt: optax.GradientTransformation, params: PyTree, specs: PyTree) -> PyTree:
+  """The specs of `opt.init(params)`: every params-shaped sub-tree (Adam's moments, momentum)
+  takes the params' specs; scalars (step counts) are replicated."""
+  state = jax.eval_shape(opt.init, params)
+  return optax.tree_utils.tree_map_params(opt, lambda _, s: s, state, specs,
+                                          transform_non_params=lambda _: P(),
+                                          is_leaf=is_spec)
+
+
+def named(mesh: Mesh, specs: PyTree, memory_kind: str | None = None) -> PyTree:
+  """NamedShardings for a tree of PartitionSpecs (optionally in another memory space, e.g.
+  "pinned_host")."""
+  return jax.tree.map(lambda s: NamedSharding(mesh, s, memory_kind=memory_kind), specs,
+                      is_leaf=is_spec)
+
+
+def constrain(tree: PyTree, shardings: PyTree) -> PyTree:
+  """with_sharding_constraint leaf by leaf (inside a program: pins the layout of its outputs)."""
+  return jax.tree.map(jax.lax.with_sharding_constraint, tree, shardings)
+
+
+def local_shape(shape: Sequence[int], spec: P, mesh: Mesh) -> tuple[int, ...]:
+  """The shape of one device's shard of an array of `shape` under `spec`."""
+  out = list(shape)
+  for i, axes in enumerate(spec):
+    for a in (axes if isinstance(axes, tuple) else (axes,)):
+      if a is not None:
+        out[i] //= mesh_lib.axis_size(mesh, a)
+  return tuple(out)
+
+
+def copies_per_worker(spec: P, mesh: Mesh) -> int:
+  """How many of a worker's devices hold the same shard of a leaf with this (worker-free) spec:
+  the product of the inner mesh axes the spec does not name."""
+  named_axes = {a for axes in spec for a in (axes if isinstance(axes, tuple) else (axes,))}
+  return mesh_lib.devices_per_worker(mesh) // _prod(
+      mesh_lib.axis_size(mesh, a) for a in named_axes if a is not None)
+
+
+def _prod(xs) -> int:
+  out = 1
+  for x in xs:
+    out *= x
+  return out
+
+
+def activation_constraint(mesh: Mesh, rules: dict = ACTIVATION_RULES):
+  """The `constrain(x, names)` hook for `model.apply` on this mesh: a sharding constraint from
+  the activation rules (under the algorithm's vmap over workers, the worker axis is prepended
+  by `spmd_axis_name`). A dimension its axis does not divide is left unconstrained."""
+  def constrain_activation(x: jax.Array, names: tuple) -> jax.Array:
+    out = []
+    for size, name in zip(x.shape, names):
+      axis = rules.get(name) if name is not None else None
+      n = mesh_lib.axis_size(mesh, axis) if axis is not None else 1
+      out.append(axis if n > 1 and size % n == 0 and axis not in out else None)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(*out)))
+  return constrain_activation
