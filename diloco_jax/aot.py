@@ -73,17 +73,19 @@ def check(config, hbm_gib: float = 0.0) -> dict:
   """The report as a dict (JAX must already have the simulated devices)."""
   import jax  # noqa: PLC0415
 
-  from diloco_jax import mesh as mesh_lib, model as model_lib, train  # noqa: PLC0415
+  from diloco_jax import build, config as config_lib, mesh as mesh_lib  # noqa: PLC0415
+  from diloco_jax import model as model_lib  # noqa: PLC0415
 
-  rc = train.validate(config)
-  mesh = mesh_lib.make_mesh(rc.M, rc.mesh_data, rc.mesh_model)
+  rc = config_lib.from_config_dict(config)
+  M = rc.diloco.num_workers
+  mesh = mesh_lib.make_mesh(M, rc.mesh.data, rc.mesh.model)
   key = jax.random.PRNGKey(rc.seed)
   params = jax.eval_shape(functools.partial(model_lib.init_params, rc.model), key)
   numel = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
-  algo = train.make_algorithm(rc, mesh, params)
+  algo = build.make_algorithm(rc, mesh, params)
   init = jax.jit(algo.init).lower(params, key).compile()
   state = _with_shardings(jax.eval_shape(algo.init, params, key), init.output_shardings)
-  batch = jax.ShapeDtypeStruct((rc.M, rc.batch_size, rc.seq_len + 1), jax.numpy.int32,
+  batch = jax.ShapeDtypeStruct((M, rc.train.batch_size, rc.data.seq_len + 1), jax.numpy.int32,
                                sharding=mesh_lib.batch_sharding(mesh))
 
   if rc.algorithm == "dp":
@@ -96,7 +98,7 @@ def check(config, hbm_gib: float = 0.0) -> dict:
   state_bytes = {k: _bytes_per_device(v) for k, v in fields.items()}
   batch_bytes = _bytes_per_device(batch)
   peak = sum(state_bytes.values()) + batch_bytes + max(p["temp_bytes"] for p in programs)
-  out = {"algorithm": rc.algorithm, "num_params": numel, "num_workers": rc.M,
+  out = {"algorithm": rc.algorithm, "num_params": numel, "num_workers": M,
          "mesh": dict(zip(mesh.axis_names, mesh.devices.shape)),
          "devices": mesh.devices.size, "state_bytes_per_device": state_bytes,
          "batch_bytes_per_device": batch_bytes, "programs": programs,
@@ -130,13 +132,14 @@ def format_report(r: dict) -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from diloco_jax import mesh as mesh_lib, train  # noqa: PLC0415
+  from diloco_jax import build, config as config_lib, mesh as mesh_lib  # noqa: PLC0415
   logging.set_verbosity(logging.WARNING)
   config = _CONFIG.value
-  mesh_lib.set_cpu_device_count(_DEVICES.value or train.cpu_devices_for(config))
   try:
+    rc = config_lib.from_config_dict(config)   # starts no JAX backend
+    mesh_lib.set_cpu_device_count(_DEVICES.value or build.cpu_devices_for(rc))
     report = check(config, _HBM.value)
-  except (train.ConfigError, ValueError) as e:
+  except ValueError as e:   # a ConfigError, or a mesh that does not fit the devices
     print(f"config error: {e}", file=sys.stderr)
     return 2
   print(json.dumps(report, indent=2) if _JSON.value else format_report(report))

@@ -35,7 +35,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   # After flags, before JAX's backends start:
-  from diloco_jax import distributed, mesh, train  # noqa: PLC0415
+  from diloco_jax import build, distributed, mesh, train  # noqa: PLC0415
+  from diloco_jax import config as config_lib  # noqa: PLC0415
   config = _CONFIG.value
   logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
   try:
@@ -43,8 +44,13 @@ def main(argv):
   except ValueError as e:
     print(f"flag error: {e}", file=sys.stderr)
     return 2
+  try:
+    rc = config_lib.from_config_dict(config)   # starts no JAX backend
+  except config_lib.ConfigError as e:
+    print(f"config error: {e}", file=sys.stderr)
+    return 2
   num_processes = group.num_processes if group is not None and group.num_processes else 1
-  devices = train.cpu_devices_for(config)
+  devices = build.cpu_devices_for(rc)
   if devices % num_processes:
     print(f"config error: the {devices} simulated CPU devices (mesh.num_cpu_devices, or "
           f"M * mesh.data * mesh.model) must split evenly over {num_processes} processes",
@@ -54,7 +60,7 @@ def main(argv):
   mesh.set_cpu_device_count(devices // num_processes)   # CPU only: devices of this process
   try:
     summary = train.run(config, _WORKDIR.value, log_all_processes=_LOG_ALL.value)
-  except train.ConfigError as e:
+  except config_lib.ConfigError as e:
     print(f"config error: {e}", file=sys.stderr)
     return 2
   if distributed.is_primary():

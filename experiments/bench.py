@@ -29,7 +29,7 @@ inner step here; the throughput ratio shows what the extra programs cost, not th
 from __future__ import annotations
 
 import dataclasses
-import functools
+import importlib.util
 import json
 import math
 import os
@@ -47,7 +47,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from diloco_jax import algorithm, fragments, inner, outer  # noqa: E402
+from diloco_jax import algorithm, build  # noqa: E402
+from diloco_jax import config as config_lib  # noqa: E402
 from diloco_jax import mesh as mesh_lib  # noqa: E402
 from diloco_jax import model as model_lib  # noqa: E402
 
@@ -186,23 +187,42 @@ class _Clock:
     return time.perf_counter() - self.wall, time.process_time() - self.cpu
 
 
-def build_runners(s: Settings, cfg: model_lib.ModelConfig, mesh, params, total_steps: int):
-  loss_fn = functools.partial(model_lib.loss_fn, cfg)
-  # The papers' optimizers; their hyperparameters do not change the cost of a step.
-  inner_opt = inner.inner_optimizer(3e-3, total_steps, warmup_steps=min(30, total_steps // 4))
-  outer_opt = outer.outer_optimizer("nesterov", 0.7, 0.9)
-  M, H = s.workers, s.inner_steps
-  algos = {
-      "dp": algorithm.DataParallel(loss_fn, inner_opt, num_workers=M, mesh=mesh),
-      "diloco": algorithm.DiLoCo(loss_fn, inner_opt, outer_opt, num_workers=M, inner_steps=H,
-                                 mesh=mesh),
-      "streaming": algorithm.StreamingDiLoCo(
-          loss_fn, inner_opt, outer_opt, num_workers=M, inner_steps=H, mesh=mesh,
-          fragments=lambda p: fragments.by_blocks(p, layers_per_fragment=s.layers_per_fragment),
-          overlap_steps=s.overlap_steps, merge_alpha=s.merge_alpha, codec=s.codec),
-  }
+def _family(name: str):
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", f"{name}.py")
+  spec = importlib.util.spec_from_file_location(f"{name}_family", path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
+
+def run_configs(s: Settings, total_steps: int) -> dict[str, config_lib.RunConfig]:
+  """Each method's RunConfig: the trainer's tiny configs (experiments/configs; DiLoCo's family
+  for dp and diloco) resized by the settings, so the bench times what `diloco_jax.main` trains.
+  The optimizers are the families' (the papers'); their hyperparameters do not change the cost
+  of a step."""
+  out = {}
+  for name in METHODS:
+    c = _family("streaming" if name == "streaming" else "diloco").get_config("tiny")
+    c.algorithm = name
+    c.model.preset, c.model.num_layers = s.model, s.num_layers
+    # The tokens are random: the data section only sets the vocabulary (0: the preset's).
+    c.data.vocab_size = s.vocab_size or model_lib.PRESETS.get(s.model, {}).get("vocab_size", 0)
+    c.data.seq_len = s.seq_len
+    c.diloco.num_workers, c.diloco.inner_steps = s.workers, s.inner_steps
+    c.train.num_steps, c.train.batch_size = total_steps, s.batch_size
+    c.train.warmup_steps = min(30, total_steps // 4)
+    if name == "streaming":
+      c.diloco.layers_per_fragment = s.layers_per_fragment
+      c.diloco.overlap_steps, c.diloco.merge_alpha = s.overlap_steps, s.merge_alpha
+      c.diloco.codec = s.codec
+    out[name] = config_lib.from_config_dict(c)
+  return out
+
+
+def build_runners(rcs: dict[str, config_lib.RunConfig], mesh, params):
   rng = jax.random.PRNGKey(1)
-  return {name: Runner(name, algo, params, rng) for name, algo in algos.items()}
+  return {name: Runner(name, build.make_algorithm(rc, mesh, params), params, rng)
+          for name, rc in rcs.items()}
 
 
 # ------------------------------------------------------------------------------- measurements
@@ -286,16 +306,16 @@ def _finite_ratio(a: float, b: float) -> float:
 
 
 def run(s: Settings) -> dict:
-  overrides = {}
-  if s.num_layers:
-    overrides["num_layers"] = s.num_layers
-  if s.vocab_size:
-    overrides["vocab_size"] = s.vocab_size
-  cfg = model_lib.config_from_preset(s.model, **overrides)
+  M, H, tau = s.workers, s.inner_steps, s.overlap_steps
+  period_steps = H * math.ceil(s.steps / H)
+  # By step 2H + τ every fragment has sent and merged once, so every program has run.
+  warmup_steps = 2 * H + tau
+  total_steps = warmup_steps + s.repeats * (period_steps + s.steps)
+  rcs = run_configs(s, total_steps)
+  cfg = rcs["dp"].model
   params = model_lib.init_params(cfg, jax.random.PRNGKey(0))
   N = sum(int(x.size) for x in jax.tree.leaves(params))
   mesh = mesh_lib.make_mesh(s.workers)
-  M, H, tau = s.workers, s.inner_steps, s.overlap_steps
   tokens_per_step = M * s.batch_size * s.seq_len
 
   # A few fixed batches of random tokens, placed once: the loop measures the devices' work, not
@@ -306,11 +326,7 @@ def run(s: Settings) -> dict:
              for _ in range(4)]
   batch_bytes = max(bytes_by_device(batches[0]).values())
 
-  period_steps = H * math.ceil(s.steps / H)
-  # By step 2H + τ every fragment has sent and merged once, so every program has run.
-  warmup_steps = 2 * H + tau
-  total_steps = warmup_steps + s.repeats * (period_steps + s.steps)
-  runners = build_runners(s, cfg, mesh, params, total_steps)
+  runners = build_runners(rcs, mesh, params)
   memory = {name: state_bytes(r.state) for name, r in runners.items()}
 
   compiled = {name: compile_programs(r, batches[0]) for name, r in runners.items()}

@@ -245,9 +245,12 @@ def make_config(run: Run, scale: Scale, data_glob: str):
 def run_suite(suite: str, out: str, scale: Scale, data_glob: str, seeds: int = 1, steps: int = 0,
               only=(), log=print) -> list[tuple[Run, str]]:
   """Trains every run of the suite not finished yet; returns (run, "ran" | "skipped")."""
-  from diloco_jax import train  # noqa: PLC0415  (after the CLI set the device count)
+  from diloco_jax import config as config_lib, train  # noqa: PLC0415  (after the CLI set devices)
   done = []
   runs = unique_runs(suite_cells(suite, scale, steps), seeds)
+  for r in runs:   # every run's config error before the first run trains
+    if not only or r.name in only:
+      config_lib.from_config_dict(make_config(r, scale, data_glob))
   for i, r in enumerate(runs):
     if only and r.name not in only:
       continue
@@ -511,13 +514,13 @@ def main(argv):
     from diloco_jax import mesh  # noqa: PLC0415
     mesh.set_cpu_device_count(4)   # the most workers any suite uses (M=4), one device each
     logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
-    from diloco_jax import train  # noqa: PLC0415
+    from diloco_jax.config import ConfigError  # noqa: PLC0415
     for s in suites:
       t0 = time.perf_counter()
       try:
         run_suite(s, _OUT.value, scale, _DATA.value, _SEEDS.value, _STEPS.value, _ONLY.value,
                   log=lambda m: print(m, flush=True))
-      except train.ConfigError as e:
+      except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
       print(f"suite {s}: {time.perf_counter() - t0:.0f} s", flush=True)

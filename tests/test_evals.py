@@ -17,8 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from diloco_jax import build, train
+from diloco_jax import config as config_lib
 from diloco_jax import model as model_lib
-from diloco_jax import train
 from diloco_jax.evals import __main__ as cli
 from diloco_jax.evals import heldout, tasks, workdir
 from diloco_jax.evals import multiple_choice as mc
@@ -221,7 +222,7 @@ def run(tmp_path_factory):
   wd = str(d / "workdir")
   summary = train.run(config, wd)
   assert os.path.exists(os.path.join(wd, cli.CONFIG_FILE))   # written by train.run: what we read
-  return wd, train.validate(config), summary
+  return wd, config_lib.from_config_dict(config), summary
 
 
 @pytest.fixture(scope="module")
@@ -252,25 +253,26 @@ def test_batched_scorer_equals_per_example_reference(run, params):
       tasks.Example("the cat sat on the mat and then", (" ran far away.", " sat.", " a"), 0),
       tasks.Example("a dog ran far away, the cat", (" ran", " is a very long choice"), 1),
       tasks.Example("a dog", (" ran",), 0)]
-  scores = mc.score(heldout.model_apply(rc.model), params, examples, max_len=rc.seq_len)
+  scores = mc.score(heldout.model_apply(rc.model), params, examples, max_len=rc.data.seq_len)
   for ex, got, n in zip(examples, scores.logprob, scores.num_bytes):
     for c, choice in enumerate(ex.choices):
-      want, k = _reference_logprob(rc.model, params, ex.context, choice, rc.seq_len)
+      want, k = _reference_logprob(rc.model, params, ex.context, choice, rc.data.seq_len)
       assert n[c] == k
       np.testing.assert_allclose(got[c], want, rtol=1e-5, atol=1e-4)
 
 
 def test_heldout_and_per_position_loss_match_the_model_loss(run, params):
   _, rc, summary = run
-  batches = heldout.heldout_set(train.make_source(rc, "eval"), seq_len=rc.seq_len,
-                                batch_size=rc.eval_batch_size, num_batches=rc.eval_batches,
+  L = rc.data.seq_len
+  batches = heldout.heldout_set(build.make_source(rc, "eval"), seq_len=L,
+                                batch_size=rc.eval.batch_size, num_batches=rc.eval.num_batches,
                                 seed=rc.seed)
-  assert batches.shape == (2, 8, rc.seq_len + 1)
+  assert batches.shape == (2, 8, L + 1)
   loss, per_position = heldout.heldout_losses(heldout.model_apply(rc.model), params, batches)
-  assert per_position.shape == (rc.seq_len,)
+  assert per_position.shape == (L,)
   np.testing.assert_allclose(np.mean(per_position), loss, rtol=1e-6)
   # Per position from one unpadded forward pass per held-out sequence.
-  seqs = batches.reshape(-1, rc.seq_len + 1)
+  seqs = batches.reshape(-1, L + 1)
   logp = np.concatenate([_log_softmax(_apply_one(rc.model, params, jnp.asarray(s[None, :-1])))
                          for s in seqs])
   targets = seqs[:, 1:, None]
@@ -289,7 +291,7 @@ def test_command_evaluates_the_workdir_end_to_end(run, task_files, capsys):
   result = json.loads(capsys.readouterr().out)
   assert (result["step"], result["params"], result["algorithm"]) == (2, "outer", "diloco")
   np.testing.assert_allclose(result["heldout_loss"], summary["final_eval_loss"], rtol=1e-5)
-  assert len(result["per_position_loss"]) == rc.seq_len
+  assert len(result["per_position_loss"]) == rc.data.seq_len
   assert {k: v["num_examples"] for k, v in result["tasks"].items()} == {
       "hellaswag": 2, "piqa": 2, "arc_easy": 2}
   for t in result["tasks"].values():

@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 
 from diloco_jax import checkpoint, fragments, train
+from diloco_jax import config as config_lib
 from diloco_jax import model as model_lib
+from tests import overrides as overrides_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "experiments", "configs"))
@@ -33,13 +35,7 @@ def small_config(**overrides):
   c.eval.num_batches = 2
   c.eval.batch_size = 8
   c.checkpoint.every_steps = 4
-  for k, v in overrides.items():
-    node = c
-    *path, last = k.split(".")
-    for p in path:
-      node = node[p]
-    node[last] = v
-  return c
+  return overrides_lib.apply(c, overrides)
 
 
 def _rows(workdir):
@@ -104,7 +100,7 @@ BAD = [
      r"data.paths entry '/nonexistent/x.txt' matches no file"),
     ({"data.source": "text", "data.paths": ()}, r"data.paths must name at least one file"),
     ({"data.source": "c4"}, r"data.source must be one of \('synthetic', 'text'\)"),
-    ({"model.preset": "7B"}, r"model: .*7B"),
+    ({"model.preset": "7B"}, r"model.preset must be one of \('tiny', '35M', .*\), got '7B'"),
     ({"diloco.outer_momentum": 1.0}, r"diloco.outer_momentum must be in \[0, 1\)"),
     ({"train.learning_rate": 0.0}, r"train.learning_rate must be > 0"),
     ({"eval.params": "best"}, r"eval.params must be one of"),
@@ -115,17 +111,17 @@ BAD = [
 
 
 def test_model_overrides_reach_the_model_config():
-  rc = train.validate(small_config(**{"model.tied_embeddings": False, "model.mlp": "gelu",
-                                      "model.num_layers": 3}))
+  rc = config_lib.from_config_dict(small_config(**{"model.tied_embeddings": False,
+                                                   "model.mlp": "gelu", "model.num_layers": 3}))
   assert (rc.model.tied_embeddings, rc.model.mlp, rc.model.num_layers) == (False, "gelu", 3)
-  rc = train.validate(small_config())
+  rc = config_lib.from_config_dict(small_config())
   assert (rc.model.tied_embeddings, rc.model.mlp, rc.model.num_layers) == (True, "swiglu", 2)
 
 
 @pytest.mark.parametrize("overrides,message", BAD)
 def test_invalid_config_is_one_clear_sentence(overrides, message):
   with pytest.raises(train.ConfigError, match=message):
-    train.validate(small_config(**overrides))
+    config_lib.from_config_dict(small_config(**overrides))
 
 
 def _cli(*args):
@@ -194,7 +190,7 @@ def test_streaming_bits_and_peak_against_data_parallel(tmp_path):
   cfg = _add_streaming_keys(streaming_config(**{"checkpoint.every_steps": 0}), tau=1,
                             stochastic=False, error_feedback=False)
   s = train.run(cfg, str(tmp_path))
-  rc = train.validate(cfg)
+  rc = config_lib.from_config_dict(cfg)
   params = model_lib.init_params(rc.model, jax.random.PRNGKey(0))
   sizes = fragments.by_blocks(params, layers_per_fragment=1).sizes(params)   # P = 3
   n = s["num_params"]

@@ -136,16 +136,16 @@ def main(argv: list[str]) -> int:
   except tasks_lib.FormatError as e:
     return _fail("data error", str(e))
   # JAX (and everything that imports it) only now: bad flags and files fail in a second.
-  from diloco_jax import train  # noqa: PLC0415
+  from diloco_jax import config as config_lib  # noqa: PLC0415
   from diloco_jax.evals import workdir  # noqa: PLC0415
 
   logging.set_verbosity(logging.WARNING)  # orbax logs every file it reads at INFO
   try:
-    rc = train.validate(config)
+    rc = config_lib.from_config_dict(config)
     result = workdir.evaluate_workdir(fv.workdir, rc, which=fv.params, tasks=task_examples,
                                       heldout_batches=fv.heldout_batches,
                                       batch_size=fv.batch_size)
-  except train.ConfigError as e:
+  except config_lib.ConfigError as e:
     return _fail("config error", str(e))
   except workdir.EvalError as e:
     return _fail("error", str(e))

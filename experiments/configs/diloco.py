@@ -29,6 +29,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.model.mlp = ""                 # "swiglu" or "gelu"; "": the preset's
   c.model.tied_embeddings = True
   c.model.dtype = "float32"        # compute dtype ("float32", "bfloat16"); params are fp32
+  c.model.remat = "none"           # "none" or "block": recompute each block's activations in
+                                   # the backward pass (less activation memory, more compute)
 
   c.diloco = ml_collections.ConfigDict()
   c.diloco.num_workers = 4         # M, replicas
@@ -36,6 +38,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.diloco.outer_optimizer = "nesterov"  # "nesterov", "sgd" (momentum 0, lr 1: FedAvg), "adam"
   c.diloco.outer_lr = 0.7          # η (DiLoCo 0.7; Streaming DiLoCo 0.4)
   c.diloco.outer_momentum = 0.9    # μ
+  c.diloco.offload_outer = False   # keep every fragment's θ_g, outer optimizer state and
+                                   # in-flight Δ in host memory (pinned_host); only the fragment
+                                   # being synced is on the device. False for "dp"
 
   c.train = ml_collections.ConfigDict()
   c.train.num_steps = 300          # T, inner steps per worker
@@ -68,7 +73,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = 1                  # devices per worker for its batch
-  c.mesh.model = 1                 # devices per worker for the model (reserved; 1 for now)
+  c.mesh.model = 1                 # devices per worker for the model
   c.mesh.num_cpu_devices = 0       # simulated host devices on CPU; 0: M * data * model
 
   if arg == "tiny":

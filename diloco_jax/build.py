@@ -1,0 +1,60 @@
+"""A `config.RunConfig` -> the objects a run is made of: data source, algorithm, counts.
+
+Shared by the trainer (train.py), the ahead-of-time check (aot.py), the evaluations (evals/) and
+the experiments (bench.py), so each builds exactly what `python -m diloco_jax.main` trains.
+Streaming DiLoCo's fragments come from `config.make_fragments` (the same function checks them on
+shapes when the RunConfig is built).
+"""
+
+from __future__ import annotations
+
+import functools
+
+from diloco_jax import algorithm, collectives, data, inner, outer
+from diloco_jax import model as model_lib
+from diloco_jax.config import ConfigError, RunConfig, make_fragments
+
+
+def cpu_devices_for(rc: RunConfig) -> int:
+  """How many simulated host devices the entry points ask for: mesh.num_cpu_devices, else one
+  per worker, data shard and model shard."""
+  return rc.mesh.num_cpu_devices or rc.diloco.num_workers * rc.mesh.data * rc.mesh.model
+
+
+def make_source(rc: RunConfig, split: str = "train"):
+  """The data source of `split` ("train" or "eval"; the synthetic source serves both)."""
+  d = rc.data
+  if d.source == "synthetic":
+    return data.SyntheticLanguage(vocab_size=d.vocab_size, num_classes=d.num_classes,
+                                  seed=rc.seed)
+  try:
+    return data.TextBytes(list(d.files), seq_len=d.seq_len, split=split)
+  except (ValueError, FileNotFoundError) as e:
+    raise ConfigError(f"data.paths: {e}") from None
+
+
+def make_algorithm(rc: RunConfig, mesh, params):
+  """DataParallel, DiLoCo or StreamingDiLoCo with the config's optimizers, on `mesh`; `params`
+  (concrete or abstract) only give the fragments their structure."""
+  t, d = rc.train, rc.diloco
+  loss_fn = functools.partial(model_lib.loss_fn, rc.model)
+  inner_opt = inner.inner_optimizer(
+      t.learning_rate, t.num_steps, warmup_steps=t.warmup_steps,
+      final_lr_fraction=t.final_lr_fraction, b1=t.b1, b2=t.b2, weight_decay=t.weight_decay,
+      grad_clip=t.grad_clip)
+  if rc.algorithm == "dp":
+    return algorithm.DataParallel(loss_fn, inner_opt, num_workers=d.num_workers, mesh=mesh)
+  outer_opt = outer.outer_optimizer(d.outer_optimizer, d.outer_lr, d.outer_momentum)
+  common = dict(num_workers=d.num_workers, inner_steps=d.inner_steps, mesh=mesh,
+                codec=d.quantizer, wire=d.wire, error_feedback=d.error_feedback)
+  if rc.algorithm == "diloco":
+    return algorithm.DiLoCo(loss_fn, inner_opt, outer_opt, **common)
+  return algorithm.StreamingDiLoCo(
+      loss_fn, inner_opt, outer_opt, fragments=make_fragments(rc, params),
+      overlap_steps=d.worker_overlap_steps or d.overlap_steps, merge_alpha=d.merge_alpha,
+      **common)
+
+
+def dp_bits_per_step(rc: RunConfig, numel: int) -> int:
+  """What data-parallel training of the same model would send per step (fp32 ring all-reduce)."""
+  return collectives.ring_allreduce_bits(numel, 32, rc.diloco.num_workers)

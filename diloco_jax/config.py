@@ -1,0 +1,403 @@
+"""The run's configuration at the library boundary: one frozen dataclass per config section.
+
+`from_config_dict(c)` (= `RunConfig.from_dict`) builds `Section(**c.section)` for every section of
+an ml_collections ConfigDict (or a plain nested dict, e.g. a workdir's config.json), so a key
+added to a config file and to its dataclass reaches the code without editing anything else, and
+a key the dataclass does not have is an error. Each dataclass checks its own values in
+`__post_init__`; the checks that span sections are `RunConfig.__post_init__`. Every failure is a
+`ConfigError` whose message is one sentence naming the full key and what is allowed. Building a
+RunConfig starts no JAX backend (the fragment check runs on `jax.eval_shape` params), so entry
+points build it before they choose the device count or join other processes.
+
+The config files' conventions become typed values here: `model.num_layers=0` (the preset's) and
+`model.vocab_size=0` (the data's) resolve into `RunConfig.model`, a `model.ModelConfig`;
+`train.weight_decay<0` (1/T) and `train.grad_clip=0` (off) become None.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import glob
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+
+from diloco_jax import collectives, fragments, outer, quantize
+from diloco_jax import model as model_lib
+
+ALGORITHMS = ("dp", "diloco", "streaming")
+SOURCES = ("synthetic", "text")
+EVAL_PARAMS = ("outer", "worker_mean", "worker0")
+TEXT_VOCAB = 256   # data.source="text" reads bytes
+
+
+class ConfigError(ValueError):
+  """A bad config value; the message is one sentence naming the key and what is allowed."""
+
+
+# ----------------------------------------------------------------------------------- checks
+def _integer(key: str, value: Any, minimum: int) -> None:
+  if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    raise ConfigError(f"{key} must be an integer >= {minimum}, got {value!r}")
+
+
+def _real(key: str, value: Any, allowed: str, ok) -> float:
+  """The value as a float if it is a number with ok(value), else the error '{key} must be
+  {allowed}'."""
+  if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
+    raise ConfigError(f"{key} must be {allowed}, got {value!r}")
+  return float(value)
+
+
+_POSITIVE = ("> 0", lambda x: x > 0)
+_UNIT = ("in [0, 1]", lambda x: 0 <= x <= 1)
+_UNIT_OPEN = ("in [0, 1)", lambda x: 0 <= x < 1)
+
+
+def _choice(key: str, value: Any, allowed: tuple) -> None:
+  if value not in allowed:
+    raise ConfigError(f"{key} must be one of {allowed}, got {value!r}")
+
+
+def _bool(key: str, value: Any) -> None:
+  if not isinstance(value, bool):
+    raise ConfigError(f"{key} must be a bool (True or False), got {value!r}")
+
+
+def _set(obj: Any, name: str, value: Any) -> None:
+  """Normalises a field of a frozen dataclass in its __post_init__."""
+  object.__setattr__(obj, name, value)
+
+
+def expand_paths(paths) -> tuple[str, ...]:
+  """Files named by a string or list of paths/globs; a missing file is a ConfigError."""
+  if isinstance(paths, str):
+    paths = (paths,)
+  out = []
+  for p in paths:
+    hits = sorted(glob.glob(os.path.expanduser(p)))
+    if not hits:
+      raise ConfigError(f"data.paths entry {p!r} matches no file")
+    out += hits
+  return tuple(out)
+
+
+# --------------------------------------------------------------------------------- sections
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelSection:
+  """`model.*`: a preset and the overrides a config file sets; `resolve` gives the ModelConfig."""
+
+  preset: str                      # "tiny" or the paper family "35M" ... "4B" (SPEC §4)
+  num_layers: int = 0              # transformer blocks; 0: the preset's
+  vocab_size: int = 0              # 0: the data source's vocabulary
+  mlp: str = ""                    # "swiglu" or "gelu"; "": the preset's
+  tied_embeddings: bool = True
+  dtype: str = "float32"           # compute dtype; params are fp32
+  remat: str = "none"              # "block": recompute each block's activations in backward
+
+  def __post_init__(self):
+    _choice("model.preset", self.preset, tuple(model_lib.PRESETS))
+    _integer("model.num_layers", self.num_layers, 0)
+    _integer("model.vocab_size", self.vocab_size, 0)
+    _bool("model.tied_embeddings", self.tied_embeddings)
+
+  def resolve(self, data_vocab: int) -> model_lib.ModelConfig:
+    """The preset's ModelConfig with every other field of this section as an override (a field
+    added here must be a ModelConfig field; ModelConfig checks the values)."""
+    overrides = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                 if f.name != "preset"}
+    overrides["vocab_size"] = self.vocab_size or data_vocab
+    if not self.num_layers:
+      del overrides["num_layers"]   # the preset's
+    if not self.mlp:
+      del overrides["mlp"]          # the preset's
+    try:
+      return model_lib.config_from_preset(self.preset, **overrides)
+    except ValueError as e:   # ModelConfig's messages name the model.* key
+      raise ConfigError(str(e)) from None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DilocoConfig:
+  """`diloco.*`: workers and the outer loop; Streaming DiLoCo's fragments, overlap and codec
+  (the DiLoCo family leaves those at their defaults: one fragment, τ = 0, fp32)."""
+
+  num_workers: int                 # M
+  inner_steps: int                 # H
+  outer_optimizer: str = "nesterov"
+  outer_lr: float                  # η
+  outer_momentum: float            # μ
+  offload_outer: bool = False      # θ_g, outer opt state, in-flight Δ in host memory (checked;
+                                   # not passed to the algorithm yet)
+  layers_per_fragment: int = 3     # streaming: blocks per fragment (P = L / this + 1)
+  fragment_pattern: str = "strided"
+  overlap_steps: int = 0           # τ
+  worker_overlap_steps: tuple[int, ...] = ()   # streaming: one τ per worker
+  merge_alpha: float = 0.0         # α
+  codec: str = "fp32"              # Q, one of quantize.CODECS
+  codec_block_size: int = 32
+  stochastic_rounding: bool = False
+  error_feedback: bool = False
+  wire: str = "reference"
+  quantizer: quantize.Codec = dataclasses.field(init=False)   # Q as the algorithm takes it
+
+  def __post_init__(self):
+    _integer("diloco.num_workers", self.num_workers, 1)
+    _integer("diloco.inner_steps", self.inner_steps, 1)
+    _choice("diloco.outer_optimizer", self.outer_optimizer, outer.OUTER_OPTIMIZERS)
+    _set(self, "outer_lr", _real("diloco.outer_lr", self.outer_lr, *_POSITIVE))
+    _set(self, "outer_momentum", _real("diloco.outer_momentum", self.outer_momentum,
+                                       *_UNIT_OPEN))
+    _bool("diloco.offload_outer", self.offload_outer)
+    _integer("diloco.overlap_steps", self.overlap_steps, 0)
+    per_worker = self.worker_overlap_steps
+    if not isinstance(per_worker, (tuple, list)) or any(
+        isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in per_worker):
+      raise ConfigError(f"diloco.worker_overlap_steps must be a sequence of integers >= 0 "
+                        f"(one τ per worker) or empty, got {per_worker!r}")
+    _set(self, "worker_overlap_steps", tuple(per_worker))
+    _set(self, "merge_alpha", _real("diloco.merge_alpha (α)", self.merge_alpha, *_UNIT))
+    _bool("diloco.stochastic_rounding", self.stochastic_rounding)
+    _bool("diloco.error_feedback", self.error_feedback)
+    _choice("diloco.wire", self.wire, collectives.WIRES)
+    try:   # quantize.Codec checks diloco.codec and diloco.codec_block_size
+      _set(self, "quantizer", quantize.get_codec(self.codec, self.codec_block_size,
+                                                 self.stochastic_rounding))
+    except ValueError as e:
+      raise ConfigError(str(e)) from None
+
+  @property
+  def taus(self) -> tuple[int, ...]:
+    """The τ in use: diloco.worker_overlap_steps if given, else (diloco.overlap_steps,)."""
+    return self.worker_overlap_steps or (self.overlap_steps,)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+  """`train.*`: the inner loop (InnerOpt: AdamW, warm-up + cosine, clipping) and logging."""
+
+  num_steps: int                   # T, inner steps per worker
+  batch_size: int                  # sequences per worker per step
+  learning_rate: float             # peak inner learning rate
+  warmup_steps: int
+  final_lr_fraction: float
+  weight_decay: float | None = None   # None (config: any value < 0): 1/T
+  b1: float
+  b2: float
+  grad_clip: float | None = 1.0    # None (config: 0): off
+  log_every: int
+
+  def __post_init__(self):
+    _integer("train.num_steps", self.num_steps, 1)
+    _integer("train.batch_size", self.batch_size, 1)
+    _set(self, "learning_rate", _real("train.learning_rate", self.learning_rate, *_POSITIVE))
+    _integer("train.warmup_steps", self.warmup_steps, 0)
+    _set(self, "final_lr_fraction", _real("train.final_lr_fraction", self.final_lr_fraction,
+                                          *_UNIT))
+    if self.weight_decay is not None:
+      wd = _real("train.weight_decay", self.weight_decay, "a number (< 0: 1/T)", lambda x: True)
+      _set(self, "weight_decay", None if wd < 0 else wd)
+    _set(self, "b1", _real("train.b1", self.b1, *_UNIT_OPEN))
+    _set(self, "b2", _real("train.b2", self.b2, *_UNIT_OPEN))
+    if self.grad_clip is not None:
+      clip = _real("train.grad_clip", self.grad_clip, ">= 0 (0: off)", lambda x: x >= 0)
+      _set(self, "grad_clip", clip or None)
+    _integer("train.log_every", self.log_every, 1)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DataConfig:
+  """`data.*`: the embedded synthetic language or UTF-8 text files read as bytes."""
+
+  source: str                      # "synthetic" or "text"
+  paths: tuple[str, ...] = ()      # text: files or globs
+  seq_len: int                     # L
+  vocab_size: int | None = None    # synthetic: vocabulary (required there)
+  num_classes: int = 16            # synthetic: word classes
+  files: tuple[str, ...] = dataclasses.field(init=False)   # text: the files `paths` name
+
+  def __post_init__(self):
+    _choice("data.source", self.source, SOURCES)
+    _integer("data.seq_len", self.seq_len, 1)
+    paths = (self.paths,) if isinstance(self.paths, str) else self.paths
+    if not isinstance(paths, (tuple, list)) or not all(isinstance(p, str) for p in paths):
+      raise ConfigError(f"data.paths must be a file or glob, or a sequence of them, got "
+                        f"{self.paths!r}")
+    paths = tuple(paths)
+    _set(self, "paths", paths)
+    _set(self, "files", ())
+    if self.source == "text":
+      if not paths:
+        raise ConfigError("data.paths must name at least one file for data.source='text'")
+      _set(self, "files", expand_paths(paths))
+    else:
+      _integer("data.vocab_size", self.vocab_size, 2)
+      if (isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int)
+          or not 1 <= self.num_classes <= self.vocab_size):
+        raise ConfigError(f"data.num_classes must be an integer between 1 and data.vocab_size "
+                          f"({self.vocab_size}), got {self.num_classes!r}")
+
+  @property
+  def vocab(self) -> int:
+    """The tokens the source emits: bytes for text, data.vocab_size for synthetic."""
+    return TEXT_VOCAB if self.source == "text" else self.vocab_size
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class EvalConfig:
+  """`eval.*`: the held-out loss during training."""
+
+  every_steps: int                 # 0: only at the end
+  num_batches: int
+  batch_size: int
+  params: str = "outer"            # one of EVAL_PARAMS
+
+  def __post_init__(self):
+    _integer("eval.every_steps", self.every_steps, 0)
+    _integer("eval.num_batches", self.num_batches, 1)
+    _integer("eval.batch_size", self.batch_size, 1)
+    _choice("eval.params", self.params, EVAL_PARAMS)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CheckpointConfig:
+  """`checkpoint.*`."""
+
+  every_steps: int                 # 0: only at the end
+  max_to_keep: int = 2
+
+  def __post_init__(self):
+    _integer("checkpoint.every_steps", self.every_steps, 0)
+    _integer("checkpoint.max_to_keep", self.max_to_keep, 1)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MeshConfig:
+  """`mesh.*`: devices per worker, and the simulated host devices on CPU."""
+
+  data: int = 1                    # devices per worker for its batch
+  model: int = 1                   # devices per worker along the model axis
+  num_cpu_devices: int = 0         # 0: M * data * model
+
+  def __post_init__(self):
+    _integer("mesh.data", self.data, 1)
+    _integer("mesh.model", self.model, 1)
+    _integer("mesh.num_cpu_devices", self.num_cpu_devices, 0)
+
+
+SECTIONS = {"model": ModelSection, "diloco": DilocoConfig, "train": TrainConfig,
+            "data": DataConfig, "eval": EvalConfig, "checkpoint": CheckpointConfig,
+            "mesh": MeshConfig}
+
+
+def _plain(values: Any, key: str) -> dict:
+  if hasattr(values, "to_dict"):   # ml_collections.ConfigDict
+    values = values.to_dict()
+  if not isinstance(values, Mapping):
+    raise ConfigError(f"{key} must be a section of keys (a ConfigDict or dict), got {values!r}")
+  return dict(values)
+
+
+def _keyword_args(cls, values: dict, section: str = "") -> dict:
+  """`values` as keyword arguments of `cls`: a key it lacks, or a required key missing, is an
+  error naming the full key."""
+  prefix = f"{section}." if section else ""
+  fields = [f for f in dataclasses.fields(cls) if f.init]
+  allowed = sorted(f.name for f in fields)
+  unknown = sorted(set(values) - set(allowed))
+  if unknown:
+    raise ConfigError(f"unknown key{'s' if len(unknown) > 1 else ''} "
+                      f"{', '.join(prefix + k for k in unknown)}; allowed: {', '.join(allowed)}")
+  required = [f.name for f in fields
+              if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+  missing = [k for k in required if k not in values]
+  if missing:
+    raise ConfigError(f"missing key{'s' if len(missing) > 1 else ''} "
+                      f"{', '.join(prefix + k for k in missing)}; a config must set "
+                      f"{', '.join(prefix + k for k in required)}")
+  return values
+
+
+@functools.lru_cache(maxsize=8)
+def abstract_params(model_cfg: model_lib.ModelConfig):
+  """The model's params as shapes only (`jax.eval_shape`: nothing is allocated, no backend
+  starts)."""
+  key = jax.eval_shape(lambda: jax.random.PRNGKey(0))
+  return jax.eval_shape(functools.partial(model_lib.init_params, model_cfg), key)
+
+
+def make_fragments(rc: RunConfig, params) -> fragments.Fragments:
+  """Streaming DiLoCo's fragments of `params` (concrete or abstract) and the schedule check;
+  RunConfig runs it on abstract params, so a bad value stops a run before anything compiles."""
+  d = rc.diloco
+  try:
+    frags = fragments.by_blocks(params, layers_per_fragment=d.layers_per_fragment,
+                                pattern=d.fragment_pattern)
+    fragments.Schedule(H=d.inner_steps, P=frags.num_fragments, tau=max(d.taus))
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  return frags
+
+
+# ------------------------------------------------------------------------------------- run
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RunConfig:
+  """The validated, typed view of a config file (see experiments/configs/diloco.py for units)."""
+
+  algorithm: str                   # one of ALGORITHMS
+  seed: int
+  model: model_lib.ModelConfig     # model.* resolved against the data (ModelSection.resolve)
+  diloco: DilocoConfig
+  train: TrainConfig
+  data: DataConfig
+  eval: EvalConfig
+  checkpoint: CheckpointConfig
+  mesh: MeshConfig
+
+  @classmethod
+  def from_dict(cls, c) -> RunConfig:
+    """From a ConfigDict or nested dict of the config files' shape; raises ConfigError."""
+    # A section left out takes its defaults (and names its missing required keys).
+    top = _keyword_args(cls, {**dict.fromkeys(SECTIONS, {}), **_plain(c, "the config")})
+    sections = {name: section(**_keyword_args(section, _plain(top[name], name), name))
+                for name, section in SECTIONS.items()}
+    model = sections.pop("model").resolve(sections["data"].vocab)
+    return cls(algorithm=top["algorithm"], seed=top["seed"], model=model, **sections)
+
+  def __post_init__(self):
+    """The checks that span sections."""
+    _choice("algorithm", self.algorithm, ALGORITHMS)
+    _integer("seed", self.seed, 0)
+    d, B, D = self.diloco, self.train.batch_size, self.mesh.data
+    if B % D:
+      raise ConfigError(f"train.batch_size={B} must be divisible by mesh.data={D} "
+                        f"(devices per worker)")
+    if self.algorithm == "dp" and self.eval.params != "outer":
+      raise ConfigError(f"eval.params must be 'outer' for algorithm='dp' (it has no worker "
+                        f"copies), got {self.eval.params!r}")
+    if self.algorithm == "dp" and d.offload_outer:
+      raise ConfigError("diloco.offload_outer must be False for algorithm='dp' (it has no "
+                        "outer copy to offload)")
+    streaming = self.algorithm == "streaming"
+    if d.worker_overlap_steps and (not streaming or len(d.worker_overlap_steps) != d.num_workers):
+      raise ConfigError(f"diloco.worker_overlap_steps must list one τ per worker "
+                        f"(M={d.num_workers}) for algorithm='streaming', got "
+                        f"{d.worker_overlap_steps!r}")
+    if streaming:
+      for tau in d.taus:
+        if tau >= d.inner_steps:
+          raise ConfigError(f"diloco.overlap_steps (τ) must be an integer with 0 <= τ < "
+                            f"diloco.inner_steps (H={d.inner_steps}), got {tau!r}")
+    if self.model.vocab_size < self.data.vocab:
+      raise ConfigError(f"model.vocab_size={self.model.vocab_size} is smaller than the data's "
+                        f"vocabulary ({self.data.vocab}); use 0 to take the data's")
+    if streaming:   # partition and schedule, on the model's shapes only
+      make_fragments(self, abstract_params(self.model))
+
+
+def from_config_dict(c) -> RunConfig:
+  """The RunConfig of a ConfigDict (the config files' `get_config()`); raises ConfigError."""
+  return RunConfig.from_dict(c)
