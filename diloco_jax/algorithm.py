@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import math
 from typing import Any, Callable, Sequence
 
 import jax
@@ -132,8 +133,9 @@ class StreamingDiLoCo:
     self.schedule: fragments_lib.Schedule | None = None
 
   # ----------------------------------------------------------------------------------- set-up
-  def _bind(self, params: PyTree) -> None:
-    """Fixes the fragments and the schedule from the params' structure (static Python)."""
+  def bind(self, params: PyTree) -> None:
+    """Fixes the fragments, the schedule and the state's layout from the params' structure
+    (static Python; `params` may be abstract). `init` calls it; `aot` calls it alone."""
     # A re-init (possibly with another params structure) starts from fresh programs.
     for name in ("_inner_step", "_sync", "_send", "_receive_first", "_receive_late",
                  "fragment_bits"):
@@ -161,7 +163,7 @@ class StreamingDiLoCo:
 
     Built under jit straight into the state's layout (`self.layout`): `params` may be sharded
     by its specs already, and no device ever holds more than its shard of any field."""
-    self._bind(params)
+    self.bind(params)
     rng = jax.random.PRNGKey(0) if rng is None else rng
     f = self.fragments
 
@@ -518,12 +520,13 @@ def _scatter(items: tuple, indices, values) -> tuple:
 
 def DiLoCo(loss_fn: LossFn, inner_opt, outer_opt, *, num_workers: int, inner_steps: int,
            mesh: Mesh | None = None, codec: Codec | str = "fp32", wire: str = "reference",
-           error_feedback: bool = False) -> StreamingDiLoCo:
+           error_feedback: bool = False, **layout) -> StreamingDiLoCo:
   """DiLoCo (Algorithm 1): one fragment, no overlap, workers restart from the outer copy
-  (optionally with a quantized all-reduce)."""
+  (optionally with a quantized all-reduce). `layout`: StreamingDiLoCo's `param_specs`,
+  `offload_outer`, `max_steps_in_flight`."""
   return StreamingDiLoCo(loss_fn, inner_opt, outer_opt, num_workers=num_workers,
                          inner_steps=inner_steps, mesh=mesh, codec=codec, wire=wire,
-                         error_feedback=error_feedback)
+                         error_feedback=error_feedback, **layout)
 
 
 class DPState(struct.PyTreeNode):
@@ -555,17 +558,21 @@ class DataParallel:
     self._specs_arg = param_specs
     self._bound = DispatchBound(max_steps_in_flight)
 
-  def init(self, params: PyTree, rng: jax.Array | None = None) -> DPState:
-    del rng
+  def bind(self, params: PyTree) -> None:
+    """Fixes the state's layout from the params' structure (`params` may be abstract)."""
     self._bound.reset()
     self.__dict__.pop("_step", None)
-    self.numel = sum(x.size for x in jax.tree.leaves(params))
+    self.numel = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
     specs = self._specs_arg(params) if callable(self._specs_arg) else self._specs_arg
     self.specs = sharding.param_specs(self.mesh, params, None) if specs is None else specs
     self.shardings = DPState(
         step=NamedSharding(self.mesh, P()), params=sharding.named(self.mesh, self.specs),
         opt_state=sharding.named(self.mesh, sharding.opt_state_specs(self.opt, params,
                                                                       self.specs)))
+
+  def init(self, params: PyTree, rng: jax.Array | None = None) -> DPState:
+    del rng
+    self.bind(params)
     # Built under jit so the state owns fresh buffers: the step donates them, and the caller's
     # params must survive that.
     build = lambda p: DPState(step=jnp.zeros((), jnp.int32), params=p, opt_state=self.opt.init(p))

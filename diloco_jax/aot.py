@@ -7,13 +7,16 @@ On simulated CPU devices shaped like the target mesh (M workers x mesh.data x me
 builds the training state abstractly, lowers and compiles the programs of one outer round (the
 inner step, and each fragment's send/sync/receive), and prints per device:
 
-* the state each device holds, field by field (exact: from the shardings): per-worker params and
-  inner optimizer state, the outer params and outer optimizer state (replicated), in-flight
-  outer gradients, quantizer residuals;
+* the state each device holds, field by field, in device and in host memory (exact: from the
+  shardings): per-worker params and inner optimizer state, the outer params and outer optimizer
+  state (sharded inside a worker, replicated over workers; in host memory with
+  `diloco.offload_outer`), in-flight outer gradients, quantizer residuals, and the ratio of the
+  device-resident state to data-parallel's (params + AdamW on the same mesh);
 * each compiled program's temporary memory (XLA:CPU's buffer assignment: activations and
   gradients; a TPU or GPU compiler fuses and rematerialises differently, so treat it as an
   estimate) and compile time;
-* the peak estimate, state + batch + the largest temporary, against `--hbm_gib`.
+* the peak estimate, device state + batch + the largest (temporaries + what the program fetches
+  from host memory), against `--hbm_gib`.
 """
 
 from __future__ import annotations
@@ -42,13 +45,14 @@ flags.mark_flags_as_required(["config"])
 GIB = 2**30
 
 
-def _bytes_per_device(tree) -> int:
-  """Bytes one device holds of an abstract tree with shardings (the largest device's share)."""
+def _bytes_per_device(tree, memory_kind: str = "device") -> int:
+  """Bytes one device holds in `memory_kind` of an abstract tree with shardings (the largest
+  device's share)."""
   import jax  # noqa: PLC0415
   total = 0
   for x in jax.tree.leaves(tree):
-    shard = x.sharding.shard_shape(x.shape)
-    total += math.prod(shard) * x.dtype.itemsize
+    if (x.sharding.memory_kind or "device") == memory_kind:
+      total += math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
   return total
 
 
@@ -66,7 +70,10 @@ def _compile(name: str, fn, *args) -> dict:
   return {"program": name, "compile_s": seconds,
           "temp_bytes": int(getattr(mem, "temp_size_in_bytes", 0)),
           "argument_bytes": int(getattr(mem, "argument_size_in_bytes", 0)),
-          "output_bytes": int(getattr(mem, "output_size_in_bytes", 0))}
+          "output_bytes": int(getattr(mem, "output_size_in_bytes", 0)),
+          # What the program brings from host memory (the offloaded fragment's outer state):
+          # device memory it needs while it runs, on top of its temporaries.
+          "fetched_bytes": _bytes_per_device(args, "pinned_host")}
 
 
 def check(config, hbm_gib: float = 0.0) -> dict:
@@ -78,13 +85,13 @@ def check(config, hbm_gib: float = 0.0) -> dict:
 
   rc = config_lib.from_config_dict(config)
   M = rc.diloco.num_workers
-  mesh = mesh_lib.make_mesh(M, rc.mesh.data, rc.mesh.model)
+  mesh = build.make_mesh(rc)
   key = jax.random.PRNGKey(rc.seed)
   params = jax.eval_shape(functools.partial(model_lib.init_params, rc.model), key)
   numel = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
   algo = build.make_algorithm(rc, mesh, params)
-  init = jax.jit(algo.init).lower(params, key).compile()
-  state = _with_shardings(jax.eval_shape(algo.init, params, key), init.output_shardings)
+  algo.bind(params)
+  state = _with_shardings(jax.eval_shape(algo.init, params, key), algo.state_shardings())
   batch = jax.ShapeDtypeStruct((M, rc.train.batch_size, rc.data.seq_len + 1), jax.numpy.int32,
                                sharding=mesh_lib.batch_sharding(mesh))
 
@@ -96,12 +103,23 @@ def check(config, hbm_gib: float = 0.0) -> dict:
               "in-flight outer gradients": state.inflight, "quantizer residuals": state.residual}
   programs = [_compile(name, fn, *args) for name, fn, args in algo.programs(state, batch)]
   state_bytes = {k: _bytes_per_device(v) for k, v in fields.items()}
+  host_bytes = {k: _bytes_per_device(v, "pinned_host") for k, v in fields.items()}
   batch_bytes = _bytes_per_device(batch)
-  peak = sum(state_bytes.values()) + batch_bytes + max(p["temp_bytes"] for p in programs)
+  resting = sum(state_bytes.values())
+  busiest = max(p["temp_bytes"] + p["fetched_bytes"] for p in programs)
+  peak = resting + batch_bytes + busiest
+  # Data-parallel training of the same model on the same mesh holds the params and AdamW's two
+  # moments: the worker params and inner optimizer state of a DiLoCo worker.
+  dp_state = (state_bytes["params"] + state_bytes["optimizer state"] if rc.algorithm == "dp"
+              else state_bytes["worker params"] + state_bytes["inner optimizer state"])
   out = {"algorithm": rc.algorithm, "num_params": numel, "num_workers": M,
-         "mesh": dict(zip(mesh.axis_names, mesh.devices.shape)),
-         "devices": mesh.devices.size, "state_bytes_per_device": state_bytes,
+         "mesh": dict(mesh.shape), "devices": mesh.devices.size,
+         "offload_outer": bool(getattr(algo, "offload_outer", False)),
+         "remat": rc.model.remat, "batch_size": rc.train.batch_size, "seq_len": rc.data.seq_len,
+         "state_bytes_per_device": state_bytes, "host_state_bytes_per_device": host_bytes,
          "batch_bytes_per_device": batch_bytes, "programs": programs,
+         "state_vs_dp": resting / dp_state,
+         "state_vs_dp_in_sync": (resting + max(p["fetched_bytes"] for p in programs)) / dp_state,
          "peak_bytes_per_device": peak}
   if hbm_gib:
     out["hbm_gib"] = hbm_gib
@@ -116,13 +134,19 @@ def _size(n: int) -> str:
 def format_report(r: dict) -> str:
   mesh = " x ".join(f"{k}={v}" for k, v in r["mesh"].items())
   lines = [f"{r['algorithm']}: {r['num_params']:,} params, M={r['num_workers']}, mesh {mesh} "
-           f"({r['devices']} devices)", "per device:"]
+           f"({r['devices']} devices), B={r['batch_size']} L={r['seq_len']} remat={r['remat']}"
+           f"{', outer state offloaded' if r['offload_outer'] else ''}",
+           "per device:             device memory      host memory"]
   for k, v in r["state_bytes_per_device"].items():
-    lines.append(f"  {k:<28}{_size(v)}")
+    host = r["host_state_bytes_per_device"][k]
+    lines.append(f"  {k:<28}{_size(v)}" + (f"   {_size(host)}" if host else ""))
   lines.append(f"  {'batch':<28}{_size(r['batch_bytes_per_device'])}")
   for p in r["programs"]:
-    lines.append(f"  {'temp, ' + p['program']:<28}{_size(p['temp_bytes'])}"
+    fetched = f" + {_size(p['fetched_bytes']).strip()} fetched" if p["fetched_bytes"] else ""
+    lines.append(f"  {'temp, ' + p['program']:<28}{_size(p['temp_bytes'])}{fetched}"
                  f"   (compiled in {p['compile_s']:.1f} s)")
+  lines.append(f"  {'state / data-parallel':<28}{r['state_vs_dp']:10.3f}"
+               f"   ({r['state_vs_dp_in_sync']:.3f} while a fragment syncs)")
   lines.append(f"  {'peak estimate':<28}{_size(r['peak_bytes_per_device'])}")
   if "fits" in r:
     lines.append(f"  {'fits in ' + str(r['hbm_gib']) + ' GiB':<28}{'yes' if r['fits'] else 'NO'}")

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import functools
 
-from diloco_jax import algorithm, collectives, data, inner, outer
+import jax
+
+from diloco_jax import algorithm, collectives, data, inner, outer, sharding
+from diloco_jax import mesh as mesh_lib
 from diloco_jax import model as model_lib
-from diloco_jax.config import ConfigError, RunConfig, make_fragments
+from diloco_jax.config import ConfigError, RunConfig, make_fragments, param_specs
 
 
 def cpu_devices_for(rc: RunConfig) -> int:
@@ -33,20 +36,42 @@ def make_source(rc: RunConfig, split: str = "train"):
     raise ConfigError(f"data.paths: {e}") from None
 
 
+def make_mesh(rc: RunConfig, devices=None):
+  """The (worker, data, expert, context, model) mesh of the config over `devices` (default:
+  all)."""
+  try:
+    return mesh_lib.make_mesh(rc.diloco.num_workers, rc.mesh.data, rc.mesh.model, devices)
+  except ValueError as e:
+    raise ConfigError(f"mesh: {e}") from None
+
+
+def init_params(rc: RunConfig, mesh, key: jax.Array):
+  """Fresh params, initialised under jit straight into their sharded layout (each device makes
+  only its own shards; every process holds its part of the same global arrays)."""
+  init = functools.partial(model_lib.init_params, rc.model)
+  specs = param_specs(mesh, jax.eval_shape(init, key))
+  return jax.jit(init, out_shardings=sharding.named(mesh, specs))(key)
+
+
 def make_algorithm(rc: RunConfig, mesh, params):
-  """DataParallel, DiLoCo or StreamingDiLoCo with the config's optimizers, on `mesh`; `params`
-  (concrete or abstract) only give the fragments their structure."""
+  """DataParallel, DiLoCo or StreamingDiLoCo with the config's optimizers, on `mesh`, with the
+  params sharded by the rule table; `params` (concrete or abstract) give the fragments and the
+  shardings their structure."""
   t, d = rc.train, rc.diloco
-  loss_fn = functools.partial(model_lib.loss_fn, rc.model)
+  loss_fn = functools.partial(model_lib.loss_fn, rc.model,
+                              constrain=sharding.activation_constraint(mesh))
+  specs = param_specs(mesh, params)
   inner_opt = inner.inner_optimizer(
       t.learning_rate, t.num_steps, warmup_steps=t.warmup_steps,
       final_lr_fraction=t.final_lr_fraction, b1=t.b1, b2=t.b2, weight_decay=t.weight_decay,
       grad_clip=t.grad_clip)
   if rc.algorithm == "dp":
-    return algorithm.DataParallel(loss_fn, inner_opt, num_workers=d.num_workers, mesh=mesh)
+    return algorithm.DataParallel(loss_fn, inner_opt, num_workers=d.num_workers, mesh=mesh,
+                                  param_specs=specs)
   outer_opt = outer.outer_optimizer(d.outer_optimizer, d.outer_lr, d.outer_momentum)
   common = dict(num_workers=d.num_workers, inner_steps=d.inner_steps, mesh=mesh,
-                codec=d.quantizer, wire=d.wire, error_feedback=d.error_feedback)
+                codec=d.quantizer, wire=d.wire, error_feedback=d.error_feedback,
+                param_specs=specs, offload_outer=d.offload_outer)
   if rc.algorithm == "diloco":
     return algorithm.DiLoCo(loss_fn, inner_opt, outer_opt, **common)
   return algorithm.StreamingDiLoCo(

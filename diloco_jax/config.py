@@ -25,7 +25,8 @@ from typing import Any
 
 import jax
 
-from diloco_jax import collectives, fragments, outer, quantize
+from diloco_jax import collectives, fragments, outer, quantize, sharding
+from diloco_jax import mesh as mesh_lib
 from diloco_jax import model as model_lib
 
 ALGORITHMS = ("dp", "diloco", "streaming")
@@ -329,6 +330,15 @@ def abstract_params(model_cfg: model_lib.ModelConfig):
   return jax.eval_shape(functools.partial(model_lib.init_params, model_cfg), key)
 
 
+def param_specs(mesh, params):
+  """The PartitionSpec of every params leaf on `mesh` (a Mesh or AbstractMesh): the model's
+  logical axes (`model.logical_axes`) through the rule table (`sharding.PARAM_RULES`)."""
+  try:
+    return sharding.param_specs(mesh, params, model_lib.logical_axes(params))
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+
+
 def make_fragments(rc: RunConfig, params) -> fragments.Fragments:
   """Streaming DiLoCo's fragments of `params` (concrete or abstract) and the schedule check;
   RunConfig runs it on abstract params, so a bad value stops a run before anything compiles."""
@@ -394,8 +404,21 @@ class RunConfig:
     if self.model.vocab_size < self.data.vocab:
       raise ConfigError(f"model.vocab_size={self.model.vocab_size} is smaller than the data's "
                         f"vocabulary ({self.data.vocab}); use 0 to take the data's")
+    params = abstract_params(self.model)
     if streaming:   # partition and schedule, on the model's shapes only
-      make_fragments(self, abstract_params(self.model))
+      make_fragments(self, params)
+    # Every sharding divides the model, and no quantization block straddles two devices: on
+    # the mesh's axis sizes alone, before any device exists.
+    mesh = mesh_lib.abstract_mesh(d.num_workers, self.mesh.data, self.mesh.model)
+    specs = param_specs(mesh, params)
+    if self.algorithm != "dp":
+      try:
+        collectives.check_blocks(
+            [x.shape for x in jax.tree.leaves(params)],
+            jax.tree.leaves(specs, is_leaf=sharding.is_spec), mesh, d.quantizer,
+            [jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_flatten_with_path(params)[0]])
+      except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def from_config_dict(c) -> RunConfig:

@@ -27,7 +27,7 @@ import os
 import jax
 import numpy as np
 from jax.experimental import mesh_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec as P
 
 WORKER = "worker"
 DATA = "data"
@@ -142,9 +142,16 @@ def make_mesh(num_workers: int, data: int = 1, model: int = 1, devices=None, *,
               AXES)
 
 
-def axis_size(mesh: Mesh, name: str) -> int:
+def abstract_mesh(num_workers: int, data: int = 1, model: int = 1, *, expert: int = 1,
+                  context: int = 1) -> AbstractMesh:
+  """The mesh's axis names and sizes without devices: enough to derive every sharding (and
+  check that it divides the model) before any backend starts."""
+  return AbstractMesh((num_workers, *inner_sizes(data, model, expert, context)), AXES)
+
+
+def axis_size(mesh: Mesh | AbstractMesh, name: str) -> int:
   """The size of axis `name` (1 if the mesh has no such axis)."""
-  return dict(zip(mesh.axis_names, mesh.devices.shape)).get(name, 1)
+  return dict(mesh.shape).get(name, 1)
 
 
 def devices_per_worker(mesh: Mesh) -> int:

@@ -232,19 +232,33 @@ class Transformer(nnx.Module):
     table_VxD = constrain(self.embed[...], (None, None))
     x_BxLxD = jnp.take(table_VxD, tokens_BxL, axis=0).astype(dt)
     x_BxLxD = constrain(x_BxLxD, ("batch", None, None))
-    run_block = lambda block, x: block(x, constrain)
     if self.cfg.remat == "block":
-      # Keeps only each block's input for the backward pass and recomputes the rest: activation
-      # memory falls from O(layers · activations of a block) to O(layers · B·L·D + one block).
-      run_block = nnx.remat(run_block)
-    for block in self.blocks:
-      x_BxLxD = run_block(block, x_BxLxD)
+      x_BxLxD = self._scan_blocks(x_BxLxD, constrain)
+    else:
+      for block in self.blocks:
+        x_BxLxD = block(x_BxLxD, constrain)
     x_BxLxD = self.final_norm(x_BxLxD)
     w_DxV = self.embed[...].T if self.cfg.tied_embeddings else self.unembed[...]
     # Accumulate in float32: the softmax over 32k classes and the z-loss need full precision.
     logits = jnp.einsum("bld,dv->blv", x_BxLxD, w_DxV.astype(dt),
                         preferred_element_type=jnp.float32)
     return constrain(logits, ("batch", None, "vocab"))
+
+
+  def _scan_blocks(self, x_BxLxD: jax.Array, constrain) -> jax.Array:
+    """The blocks as a scan over their stacked weights, each step under jax.checkpoint: the
+    backward pass keeps only each block's input and recomputes the rest. (Unrolled blocks
+    under jax.checkpoint do not save memory on XLA: its scheduler is free to run every
+    recomputation early, which XLA:CPU does; a scan's loop orders them.) The params stay one
+    dict per block (fragments are made of whole blocks): stacking them costs one copy of the
+    blocks' weights, sharded like the weights themselves."""
+    graphdef, _ = nnx.split(self.blocks[0])
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[nnx.state(b) for b in self.blocks])
+
+    def body(x, state):
+      return nnx.merge(graphdef, state)(x, constrain), None
+
+    return jax.lax.scan(jax.checkpoint(body), x_BxLxD, stacked)[0]
 
 
 def init_params(cfg: ModelConfig, rng: jax.Array) -> dict:

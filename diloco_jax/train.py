@@ -72,15 +72,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, stop_after: int | None 
                       f"{len(devices)} available devices")
   key = jax.random.PRNGKey(rc.seed)
   init_key, algo_key = jax.random.split(key)
-  try:
-    mesh = mesh_lib.make_mesh(M, rc.mesh.data, rc.mesh.model)
-  except ValueError as e:
-    raise ConfigError(f"mesh: {e}") from None
+  mesh = build.make_mesh(rc)
   primary = distributed.is_primary()
-  # Built under jit straight into the replicated layout, so every process holds its part of the
-  # same global array (a process cannot device_put onto another's devices).
-  params = jax.jit(functools.partial(model_lib.init_params, rc.model),
-                   out_shardings=mesh_lib.replicated(mesh))(init_key)
+  # Built under jit straight into the sharded layout, so every process holds its part of the
+  # same global arrays (a process cannot device_put onto another's devices) and no device ever
+  # holds a whole copy of a sharded leaf.
+  params = build.init_params(rc, mesh, init_key)
   algo = build.make_algorithm(rc, mesh, params)
   state = algo.init(params, algo_key)
   numel = sum(x.size for x in jax.tree.leaves(params))

@@ -2,11 +2,15 @@
 memory per device and achieved FLOP/s, all measured in one invocation and printed as ratios.
 
 Run book:
-  default (2 CPU cores, 4 simulated devices, the tiny model with 4 blocks; about 2-3 minutes):
+  default (2 CPU cores, the tiny model with 4 blocks; 4 simulated devices for the methods, 8 for
+  the layouts section; about 3-4 minutes):
     .venv/bin/python experiments/bench.py
-  quick (seconds; what tests/test_bench.py runs):
+  quick (under a minute; what tests/test_bench.py runs):
     .venv/bin/python experiments/bench.py --quick --json
-  a paper-size model on an accelerator, e.g. the 35M preset at sequence length 1,024:
+  without the layouts section (the methods only, on one device per worker):
+    .venv/bin/python experiments/bench.py --layouts=false
+  a paper-size model on an accelerator, e.g. the 35M preset at sequence length 1,024 (the
+  layouts section needs 8 devices and reports itself skipped with fewer):
     .venv/bin/python experiments/bench.py --model=35M --num_layers=0 --vocab_size=0 \
         --layers_per_fragment=3 --workers=2 --batch_size=4 --seq_len=1024
 
@@ -21,9 +25,22 @@ neighbour on a shared machine slows every method alike and the ratios stay meani
   FLOP/s      the inner step's FLOPs per second, counted two ways (XLA's `cost_analysis()` of the
               compiled program, and 6·N·tokens), as a fraction of a dense fp32 matmul's FLOP/s
               measured on the same devices in the same process.
+  layouts     Streaming DiLoCo (the streaming method's config, M=2 workers) with each worker
+              replicated (mesh.data=1, mesh.model=1: every param P()), FSDP (mesh.data=4) and
+              FSDP+TP (mesh.data=2, mesh.model=2), built from RunConfigs by build.make_mesh,
+              build.init_params and build.make_algorithm as the trainer builds them; the batch
+              rounded up to a multiple of 4 rows per worker, and codec_block_size 16 on every
+              row (d_model/4 = 16 values per device under FSDP: a block must not straddle two
+              devices). For each: the inner-step program's tokens/s alone (wall and CPU time,
+              the layouts' repetitions interleaved), its compile time, the state bytes per
+              device by field and the inner step's argument bytes per device (its compiled
+              `memory_analysis()`), each as a ratio to replicated.
 
 On CPU, XLA runs one computation at a time (docs/design.md), so a send cannot overlap the next
 inner step here; the throughput ratio shows what the extra programs cost, not the overlap.
+Likewise, XLA:CPU's simulated devices share the same 2 cores, so FSDP and TP cannot be faster
+here: the layouts' throughput ratios show the cost of the extra collectives (all-gathers and
+reduce-scatters inside a worker), and their bytes the memory saving, not a speed-up.
 """
 
 from __future__ import annotations
@@ -47,7 +64,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from diloco_jax import algorithm, build  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+from diloco_jax import algorithm, build, sharding  # noqa: E402
 from diloco_jax import config as config_lib  # noqa: E402
 from diloco_jax import mesh as mesh_lib  # noqa: E402
 from diloco_jax import model as model_lib  # noqa: E402
@@ -72,6 +91,8 @@ _MATMUL = flags.DEFINE_integer("matmul_size", 512, "n of the reference n x n fp3
                                "device")
 _QUICK = flags.DEFINE_bool("quick", False, "tiny sizes that finish in seconds (explicit flags win)")
 _JSON = flags.DEFINE_bool("json", False, "print the report as one JSON object instead of text")
+_LAYOUTS = flags.DEFINE_bool("layouts", True, "also time Streaming DiLoCo's inner step with each "
+                             "worker replicated, FSDP and FSDP+TP (M=2 on 8 devices)")
 
 # --quick replaces these defaults (a flag given on the command line still wins).
 QUICK = dict(num_layers=1, vocab_size=32, workers=2, batch_size=2, seq_len=8, inner_steps=2,
@@ -79,6 +100,15 @@ QUICK = dict(num_layers=1, vocab_size=32, workers=2, batch_size=2, seq_len=8, in
 
 METHODS = ("dp", "diloco", "streaming")
 GOAL = 0.95   # Streaming DiLoCo's throughput as a fraction of data-parallel's
+
+# The layouts section: Streaming DiLoCo with M=2 workers, each worker's devices split as
+# (mesh.data, mesh.model). d_model sharded 4 ways leaves runs of D/4 values per device (16 for
+# the tiny model), which a quantization block must not straddle: one block size for every row,
+# so the three compute the same thing.
+LAYOUTS = {"replicated": (1, 1), "fsdp": (4, 1), "fsdp_tp": (2, 2)}
+LAYOUT_WORKERS = 2
+LAYOUT_BLOCK_SIZE = 16
+LAYOUT_DEVICES = LAYOUT_WORKERS * max(d * m for d, m in LAYOUTS.values())   # 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,6 +129,7 @@ class Settings:
   repeats: int
   matmul_size: int
   quick: bool
+  layouts: bool
 
 
 def settings_from_flags() -> Settings:
@@ -195,26 +226,43 @@ def _family(name: str):
   return mod
 
 
+def _config_dict(s: Settings, name: str, total_steps: int):
+  """The ConfigDict of one method: the trainer's tiny config (experiments/configs; DiLoCo's
+  family for dp and diloco) resized by the settings."""
+  c = _family("streaming" if name == "streaming" else "diloco").get_config("tiny")
+  c.algorithm = name
+  c.model.preset, c.model.num_layers = s.model, s.num_layers
+  # The tokens are random: the data section only sets the vocabulary (0: the preset's).
+  c.data.vocab_size = s.vocab_size or model_lib.PRESETS.get(s.model, {}).get("vocab_size", 0)
+  c.data.seq_len = s.seq_len
+  c.diloco.num_workers, c.diloco.inner_steps = s.workers, s.inner_steps
+  c.train.num_steps, c.train.batch_size = total_steps, s.batch_size
+  c.train.warmup_steps = min(30, total_steps // 4)
+  if name == "streaming":
+    c.diloco.layers_per_fragment = s.layers_per_fragment
+    c.diloco.overlap_steps, c.diloco.merge_alpha = s.overlap_steps, s.merge_alpha
+    c.diloco.codec = s.codec
+  return c
+
+
 def run_configs(s: Settings, total_steps: int) -> dict[str, config_lib.RunConfig]:
-  """Each method's RunConfig: the trainer's tiny configs (experiments/configs; DiLoCo's family
-  for dp and diloco) resized by the settings, so the bench times what `diloco_jax.main` trains.
-  The optimizers are the families' (the papers'); their hyperparameters do not change the cost
-  of a step."""
+  """Each method's RunConfig (`_config_dict`), so the bench times what `diloco_jax.main`
+  trains. The optimizers are the families' (the papers'); their hyperparameters do not change
+  the cost of a step."""
+  return {name: config_lib.from_config_dict(_config_dict(s, name, total_steps))
+          for name in METHODS}
+
+
+def layout_configs(s: Settings, total_steps: int,
+                   batch_size: int) -> dict[str, config_lib.RunConfig]:
+  """Streaming DiLoCo's RunConfig on each of LAYOUTS: the streaming method's config with
+  diloco.num_workers=2, mesh.data and mesh.model overridden, and codec_block_size 16."""
   out = {}
-  for name in METHODS:
-    c = _family("streaming" if name == "streaming" else "diloco").get_config("tiny")
-    c.algorithm = name
-    c.model.preset, c.model.num_layers = s.model, s.num_layers
-    # The tokens are random: the data section only sets the vocabulary (0: the preset's).
-    c.data.vocab_size = s.vocab_size or model_lib.PRESETS.get(s.model, {}).get("vocab_size", 0)
-    c.data.seq_len = s.seq_len
-    c.diloco.num_workers, c.diloco.inner_steps = s.workers, s.inner_steps
-    c.train.num_steps, c.train.batch_size = total_steps, s.batch_size
-    c.train.warmup_steps = min(30, total_steps // 4)
-    if name == "streaming":
-      c.diloco.layers_per_fragment = s.layers_per_fragment
-      c.diloco.overlap_steps, c.diloco.merge_alpha = s.overlap_steps, s.merge_alpha
-      c.diloco.codec = s.codec
+  for name, (data, model) in LAYOUTS.items():
+    c = _config_dict(s, "streaming", total_steps)
+    c.diloco.num_workers, c.diloco.codec_block_size = LAYOUT_WORKERS, LAYOUT_BLOCK_SIZE
+    c.mesh.data, c.mesh.model = data, model
+    c.train.batch_size = batch_size
     out[name] = config_lib.from_config_dict(c)
   return out
 
@@ -267,18 +315,20 @@ def _memory(compiled) -> dict | None:
   return {k.replace("_size_in_bytes", ""): int(getattr(mem, k)) for k in keys}
 
 
+def compile_program(name: str, fn, args) -> dict:
+  """Lowers and compiles one program ahead of time: its times, FLOPs and memory."""
+  start = time.perf_counter()
+  lowered = fn.lower(*args)
+  lowered_at = time.perf_counter()
+  compiled = lowered.compile()
+  done = time.perf_counter()
+  return {"name": name, "lower_s": lowered_at - start, "compile_s": done - lowered_at,
+          "flops": _flops(compiled), "memory": _memory(compiled)}
+
+
 def compile_programs(runner: Runner, batch) -> list[dict]:
   """Lowers and compiles every program of a method ahead of time (cold: nothing ran before)."""
-  rows = []
-  for name, fn, args in runner.programs(batch):
-    start = time.perf_counter()
-    lowered = fn.lower(*args)
-    lowered_at = time.perf_counter()
-    compiled = lowered.compile()
-    done = time.perf_counter()
-    rows.append({"name": name, "lower_s": lowered_at - start, "compile_s": done - lowered_at,
-                 "flops": _flops(compiled), "memory": _memory(compiled)})
-  return rows
+  return [compile_program(*program) for program in runner.programs(batch)]
 
 
 def matmul_reference(mesh, n: int):
@@ -305,6 +355,28 @@ def _finite_ratio(a: float, b: float) -> float:
   return a / b if b > 0 else float("nan")
 
 
+def _rotated(names: tuple, rep: int) -> tuple:
+  """The order of repetition `rep`: rotated each time, against drift."""
+  k = rep % len(names)
+  return names[k:] + names[:k]
+
+
+def _median_ratios(samples: dict[str, list], base: str) -> dict[str, float]:
+  """Each name's ratio to `base` within the same repetition (adjacent in time), then the median
+  over repetitions."""
+  return {name: statistics.median(_finite_ratio(x, y) for x, y in zip(xs, samples[base]))
+          for name, xs in samples.items()}
+
+
+def _random_batches(mesh, M: int, batch_size: int, seq_len: int, vocab_size: int) -> list:
+  """A few fixed batches of random tokens, placed once: the loops measure the devices' work,
+  not the data pipeline's."""
+  rng = np.random.default_rng(0)
+  return [jax.device_put(rng.integers(0, vocab_size, (M, batch_size, seq_len + 1),
+                                      dtype=np.int32), mesh_lib.batch_sharding(mesh))
+          for _ in range(4)]
+
+
 def run(s: Settings) -> dict:
   M, H, tau = s.workers, s.inner_steps, s.overlap_steps
   period_steps = H * math.ceil(s.steps / H)
@@ -315,15 +387,11 @@ def run(s: Settings) -> dict:
   cfg = rcs["dp"].model
   params = model_lib.init_params(cfg, jax.random.PRNGKey(0))
   N = sum(int(x.size) for x in jax.tree.leaves(params))
-  mesh = mesh_lib.make_mesh(s.workers)
+  # Over the first devices only: the layouts section may have asked for more.
+  mesh = mesh_lib.make_mesh(s.workers, devices=jax.devices()[:main_device_count(s)])
   tokens_per_step = M * s.batch_size * s.seq_len
 
-  # A few fixed batches of random tokens, placed once: the loop measures the devices' work, not
-  # the data pipeline's.
-  rng = np.random.default_rng(0)
-  batches = [jax.device_put(rng.integers(0, cfg.vocab_size, (M, s.batch_size, s.seq_len + 1),
-                                         dtype=np.int32), mesh_lib.batch_sharding(mesh))
-             for _ in range(4)]
+  batches = _random_batches(mesh, M, s.batch_size, s.seq_len, cfg.vocab_size)
   batch_bytes = max(bytes_by_device(batches[0]).values())
 
   runners = build_runners(rcs, mesh, params)
@@ -338,8 +406,7 @@ def run(s: Settings) -> dict:
   tps = {k: {name: [] for name in METHODS} for k in kinds}
   matmul_fps = []
   for rep in range(s.repeats):
-    order = METHODS[rep % len(METHODS):] + METHODS[:rep % len(METHODS)]   # rotate against drift
-    for name in order:
+    for name in _rotated(METHODS, rep):
       r = runners[name]
       for kind, n, timed in (("period", period_steps, r.run_steps),
                              ("inner", s.steps, r.run_inner_only)):
@@ -349,9 +416,7 @@ def run(s: Settings) -> dict:
     matmul_fps.append(matmul())
 
   med = statistics.median
-  # Ratios from the same repetition (adjacent in time), then the median over repetitions.
-  ratio = {k: {name: med(_finite_ratio(x, y) for x, y in zip(tps[k][name], tps[k]["dp"]))
-               for name in METHODS} for k in kinds}
+  ratio = {k: _median_ratios(tps[k], "dp") for k in kinds}
   period_tps, inner_tps = tps["period"], tps["inner"]
   matmul_med = med(matmul_fps)
   flops = {}
@@ -395,6 +460,7 @@ def run(s: Settings) -> dict:
               for k in ("period", "inner")}
   sync_cpu_s = {name: H * (cpu_step["period"][name] - cpu_step["inner"][name])
                 for name in METHODS}
+  layouts = run_layouts(s) if s.layouts else None   # after the methods: it times alone
   return {
       "settings": dataclasses.asdict(s),
       "model": {"preset": s.model, "num_layers": cfg.num_layers, "d_model": cfg.d_model,
@@ -433,7 +499,70 @@ def run(s: Settings) -> dict:
       "flops": {"matmul": {"n": s.matmul_size, "devices": mesh.devices.size,
                            "flops_per_s": matmul_med, "samples": matmul_fps},
                 **flops},
+      "layouts": layouts,
   }
+
+
+def main_device_count(s: Settings) -> int:
+  """The simulated CPU devices the methods' mesh uses (the first ones)."""
+  return s.cpu_devices or s.workers
+
+
+def run_layouts(s: Settings) -> dict:
+  """Streaming DiLoCo's inner step alone on each of LAYOUTS (M=2, built from RunConfigs like
+  the trainer's): tokens/s interleaved over --repeats, state bytes per device by field, and the
+  inner step's argument bytes per device (`memory_analysis`), each as a ratio to replicated."""
+  if len(jax.devices()) < LAYOUT_DEVICES:
+    return {"skipped": f"needs {LAYOUT_DEVICES} devices, {len(jax.devices())} exist"}
+  M, names = LAYOUT_WORKERS, tuple(LAYOUTS)
+  # Every layout's batch rows split evenly over its data axis.
+  data_lcm = math.lcm(*(d for d, _ in LAYOUTS.values()))
+  B = data_lcm * math.ceil(s.batch_size / data_lcm)
+  warmup_calls = 2
+  rcs = layout_configs(s, warmup_calls + s.repeats * s.steps, B)
+  runners, batches, rows = {}, {}, {}
+  for name, rc in rcs.items():
+    mesh = build.make_mesh(rc)
+    params = build.init_params(rc, mesh, jax.random.PRNGKey(0))
+    r = runners[name] = Runner(name, build.make_algorithm(rc, mesh, params), params,
+                               jax.random.PRNGKey(1))
+    batches[name] = _random_batches(mesh, M, B, s.seq_len, rc.model.vocab_size)
+    inner_prog = compile_program(*r.programs(batches[name][0])[0])
+    leaves = jax.tree.leaves(params)
+    specs = jax.tree.leaves(r.algo.specs, is_leaf=sharding.is_spec)
+    rows[name] = {"data": rc.mesh.data, "model": rc.mesh.model, "devices": mesh.devices.size,
+                  "numel_whole": sum(int(x.size) for x, spec in zip(leaves, specs, strict=True)
+                                     if spec == P()),
+                  "memory": state_bytes(r.state), "inner_step": inner_prog}
+    r.run_inner_only(warmup_calls, batches[name])
+  tokens_per_step = M * B * s.seq_len
+  tps = {k: {name: [] for name in names} for k in ("wall", "cpu")}
+  for rep in range(s.repeats):
+    for name in _rotated(names, rep):
+      wall, cpu = runners[name].run_inner_only(s.steps, batches[name])
+      tps["wall"][name].append(tokens_per_step * s.steps / wall)
+      tps["cpu"][name].append(tokens_per_step * s.steps / max(cpu, 1e-9))
+  ratio = {k: _median_ratios(tps[k], "replicated") for k in tps}
+  base = rows["replicated"]
+  for name, row in rows.items():
+    row["tokens_per_s"] = statistics.median(tps["wall"][name])
+    row["tokens_per_cpu_s"] = statistics.median(tps["cpu"][name])
+    row["samples"], row["cpu_samples"] = tps["wall"][name], tps["cpu"][name]
+    row["ratio"], row["ratio_cpu"] = ratio["wall"][name], ratio["cpu"][name]
+    mem, base_mem = row["memory"], base["memory"]
+    # None where replicated holds nothing of the field either (e.g. residual without error
+    # feedback).
+    mem["fields_ratio"] = {f: b / base_mem["fields"][f] if base_mem["fields"][f] else None
+                           for f, b in mem["fields"].items()}
+    mem["ratio"] = mem["total"] / base_mem["total"]
+    arg = row["inner_step"]["memory"]
+    row["inner_step_argument_bytes"] = None if arg is None else arg["argument"]
+    row["inner_step_argument_ratio"] = None if arg is None else _finite_ratio(
+        arg["argument"], base["inner_step"]["memory"]["argument"])
+  return {"workers": M, "batch_size": B, "seq_len": s.seq_len,
+          "tokens_per_step": tokens_per_step, "inner_steps_timed": s.steps,
+          "codec": s.codec, "codec_block_size": LAYOUT_BLOCK_SIZE, "host_cpus": os.cpu_count(),
+          "rows": rows}
 
 
 # ------------------------------------------------------------------------------------ report
@@ -529,8 +658,56 @@ def format_report(r: dict) -> str:
   out.append("  (cost_analysis counts every HLO op of the compiled step, optimizer included, on "
              "every device; 6·N·tokens counts the matmuls of forward and backward with N = all "
              "params, the tied embedding once)")
+  if r["layouts"] is not None:
+    out += [""] + format_layouts(r["layouts"], r["devices"]["platform"], s["repeats"])
   out.append(f"\nthis run: {r['bench_wall_s']:.0f} s")
   return "\n".join(out)
+
+
+LAYOUT_NAMES = {"replicated": "replicated", "fsdp": "FSDP", "fsdp_tp": "FSDP+TP"}
+
+
+def format_layouts(lay: dict, platform: str, repeats: int) -> list[str]:
+  if "skipped" in lay:
+    return [f"layouts inside a worker: skipped ({lay['skipped']})"]
+  rows = lay["rows"]
+  out = [f"layouts inside a worker: Streaming DiLoCo, M = {lay['workers']} workers, B = "
+         f"{lay['batch_size']}, L = {lay['seq_len']} ({lay['tokens_per_step']} tokens/step), "
+         f"codec {lay['codec']} with codec_block_size {lay['codec_block_size']} on every row "
+         f"(FSDP's 4-way split of d_model leaves runs of d_model/4 values per device, which a "
+         f"block must not straddle)"]
+  if platform == "cpu":
+    out.append(f"  XLA:CPU: the simulated devices share the same {lay['host_cpus']} cores, so "
+               f"FSDP/TP cannot be faster here; the ratios show the cost of the extra "
+               f"collectives and the memory saving, not a speed-up")
+  out += [f"  medians of {repeats} interleaved repetitions of {lay['inner_steps_timed']} "
+          f"inner steps",
+          f"  inner step alone, tokens/s {'devices':>10s} {'wall':>9s} {'ratio':>6s} "
+          f"{'/CPU-s':>8s} {'ratio':>6s} {'compile s':>10s}"]
+  for name, row in rows.items():
+    label = f"{LAYOUT_NAMES[name]} (data={row['data']}, model={row['model']})"
+    out.append(f"    {label:32s} {row['devices']:2d} {row['tokens_per_s']:9,.0f} "
+               f"{row['ratio']:6.3f} {row['tokens_per_cpu_s']:8,.0f} {row['ratio_cpu']:6.3f} "
+               f"{row['inner_step']['compile_s']:10.2f}")
+
+  def cells(values):   # (bytes, ratio to replicated) per layout
+    return "".join(f"{b:14,d} {'-' if q is None else f'{q:.3f}':>6s}" for b, q in values)
+
+  out.append(f"  {'state bytes per device':35s}"
+             + "".join(f"{LAYOUT_NAMES[n]:>14s} {'ratio':>6s}" for n in rows))
+  for f in rows["replicated"]["memory"]["fields"]:
+    out.append(f"    {f:33s}" + cells((row["memory"]["fields"][f],
+                                        row["memory"]["fields_ratio"][f])
+                                       for row in rows.values()))
+  out.append(f"    {'total':33s}" + cells((row["memory"]["total"], row["memory"]["ratio"])
+                                          for row in rows.values()))
+  out.append(f"    {'inner step args (memory_analysis)':33s}" + cells(
+      (row["inner_step_argument_bytes"] or 0, row["inner_step_argument_ratio"])
+      for row in rows.values()))
+  out.append("  params whole on every device of a worker: " + ", ".join(
+      f"{LAYOUT_NAMES[n]} {row['numel_whole']:,}" for n, row in rows.items())
+      + " (under FSDP and TP: the RMSNorm scales)")
+  return out
 
 
 def main(argv):
@@ -538,7 +715,8 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   s = settings_from_flags()
   logging.set_verbosity(logging.WARNING)   # jax logs every backend it probes at INFO
-  mesh_lib.set_cpu_device_count(s.cpu_devices or s.workers)
+  n = main_device_count(s)
+  mesh_lib.set_cpu_device_count(max(n, LAYOUT_DEVICES) if s.layouts else n)
   start = time.perf_counter()
   try:
     report = run(s)

@@ -17,12 +17,14 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 METHODS = ("dp", "diloco", "streaming")
+LAYOUTS = {"replicated": (1, 1), "fsdp": (4, 1), "fsdp_tp": (2, 2)}   # (mesh.data, mesh.model)
 
 
 @pytest.fixture(scope="module")
 def report():
   env = dict(os.environ)
-  # Not conftest's 8-device flag (the bench asks for one device per worker). No LLVM
+  # Not conftest's 8-device flag (the bench asks for its own: one per worker, and 8 for the
+  # layouts section). No LLVM
   # optimisation either: this checks the report, not speed, and the whole run then takes about
   # 60 % of the CPU time (most of it is compiling the three methods' eight programs).
   env["XLA_FLAGS"] = "--xla_backend_optimization_level=0"
@@ -82,6 +84,13 @@ def _tiny_param_count(model: dict) -> int:
   return V * D + L * block + D               # embedding (tied) + blocks + final_norm
 
 
+def _tiny_norm_count(model: dict) -> int:
+  """The RMSNorm scales of the tiny preset: q_norm, k_norm [head dim], attn_norm, mlp_norm [D]
+  per block, and final_norm [D]."""
+  D, L = model["d_model"], model["num_layers"]
+  return L * (2 * (D // 4) + 2 * D) + D
+
+
 def test_state_bytes_are_what_the_state_holds(report):
   N = report["model"]["num_params"]
   assert N == _tiny_param_count(report["model"])
@@ -133,3 +142,41 @@ def test_flops_against_the_matmul_reference(report):
   # DiLoCo's and Streaming DiLoCo's inner steps are one program: XLA counts the same FLOPs.
   assert fl["diloco"]["cost_analysis_flops_per_step"] == \
       fl["streaming"]["cost_analysis_flops_per_step"]
+
+
+def test_layouts_divide_each_workers_state_by_data_times_model(report):
+  """Streaming DiLoCo (M=2) replicated, FSDP and FSDP+TP inside a worker: the bytes each device
+  holds are exact; the throughput ratios are only checked to be numbers."""
+  lay = report["layouts"]
+  assert report["settings"]["layouts"] is True
+  assert lay["workers"] == 2 and lay["codec_block_size"] == 16
+  rows = lay["rows"]
+  assert list(rows) == list(LAYOUTS)
+  N, norms = report["model"]["num_params"], _tiny_norm_count(report["model"])
+  for name, (data, model) in LAYOUTS.items():
+    row, n = rows[name], data * model
+    assert (row["data"], row["model"], row["devices"]) == (data, model, 2 * n), name
+    # Every matrix is split data·model ways; only the RMSNorm scales stay whole on a device.
+    assert (N - norms) % n == 0
+    assert row["numel_whole"] == (N if n == 1 else norms), name
+    params = 4 * ((N - norms) // n + norms)   # fp32 bytes of one worker's params, per device
+    mem = row["memory"]
+    assert mem["fields"]["local_params"] == params, name       # one worker per device
+    assert mem["fields"]["outer_params"] == params, name       # replicated over workers
+    assert mem["fields"]["outer_opt_state"] == params, name    # Nesterov's trace
+    assert mem["fields"]["inflight"] == params, name           # τ = 1: every fragment's Δ
+    # AdamW's two moments, and its count and the schedule's count of this device's worker.
+    assert mem["fields"]["inner_opt_state"] == 2 * params + 8, name
+    assert mem["total"] == 6 * params + 4 + 8 + 8, name        # + step and the PRNG key
+    assert sum(mem["fields"].values()) == mem["total"], name
+    assert mem["per_device"] == [mem["total"]] * row["devices"], name
+    assert mem["ratio"] == pytest.approx(mem["total"] / rows["replicated"]["memory"]["total"])
+    # The inner step's arguments: the state's worker fields and the batch, all divided but the
+    # norm scales and counters.
+    assert 1 / n <= row["inner_step_argument_ratio"] <= 1.02 / n, (name, row)
+    for key in ("samples", "cpu_samples"):
+      assert len(row[key]) == report["settings"]["repeats"], (name, key)
+      assert all(_positive(x) for x in row[key]), (name, key, row[key])
+    assert _positive(row["ratio"]) and _positive(row["ratio_cpu"]), (name, row)
+  assert rows["replicated"]["ratio"] == rows["replicated"]["ratio_cpu"] == 1.0
+  assert rows["replicated"]["memory"]["fields"]["local_params"] == 4 * N

@@ -219,6 +219,7 @@ def test_adam_steps_decrease_loss(params, batch):
     (dict(head_dim=7), "model.head_dim"),
     (dict(dtype="float16"), "model.dtype"),
     (dict(z_loss=-1.0), "model.z_loss"),
+    (dict(remat="all"), "model.remat"),
 ])
 def test_invalid_config(overrides, field):
   with pytest.raises(ValueError, match=field.replace(".", r"\.")):
@@ -234,3 +235,43 @@ def test_config_hashable_and_head_dim_default():
   assert TINY.head_dim == 16
   assert hash(TINY) == hash(model.config_from_preset("tiny"))
   assert model.config_from_preset("tiny", head_dim=32).head_dim == 32
+
+
+# --- rematerialisation and logical axes -------------------------------------------------------
+
+
+def test_remat_block_gives_the_same_loss_and_gradients(params, batch):
+  remat = model.config_from_preset("tiny", remat="block")
+  grad = lambda cfg: jax.jit(jax.value_and_grad(lambda p: model.loss_fn(cfg, p, batch)[0]))(params)
+  (l0, g0), (l1, g1) = grad(TINY), grad(remat)
+  assert float(l0) == float(l1)
+  for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1), strict=True):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_remat_block_keeps_only_block_inputs_for_the_backward_pass():
+  """Compiled temporaries (XLA's buffer assignment, deterministic) of one gradient at L=256:
+  per extra block, rematerialisation keeps the block's input and its stacked weights and
+  gradient, not its attention scores and MLP activations."""
+  def temp(layers, remat):
+    cfg = model.config_from_preset("tiny", num_layers=layers, remat=remat)
+    p = jax.eval_shape(functools.partial(model.init_params, cfg), jax.random.key(0))
+    b = jax.ShapeDtypeStruct((4, 257), jnp.int32)
+    f = jax.jit(jax.grad(lambda p, b: model.loss_fn(cfg, p, b)[0]))
+    return f.lower(p, b).compile().memory_analysis().temp_size_in_bytes
+  per_block = {r: temp(4, r) - temp(2, r) for r in ("none", "block")}
+  scores = 4 * 4 * 256 * 256 * 4   # one block's [B, H, L, L] fp32 attention probabilities
+  assert per_block["none"] > scores > per_block["block"] > 0, per_block
+
+
+def test_logical_axes_name_every_dimension(params):
+  names = model.logical_axes(params)
+  leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+  got = jax.tree.leaves(names, is_leaf=lambda x: isinstance(x, tuple))
+  assert len(got) == len(leaves)
+  for (path, x), n in zip(leaves, got):
+    assert len(n) == x.ndim, (jax.tree_util.keystr(path), n)
+  assert names["embed"] == ("vocab", "embed")
+  assert names["blocks"][1]["mlp"]["w_down"] == ("mlp", "embed")
+  with pytest.raises(ValueError, match=r"no logical axes for the parameter \['extra'\]"):
+    model.logical_axes({**params, "extra": jnp.zeros((3,))})

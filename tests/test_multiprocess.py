@@ -26,9 +26,11 @@ from diloco_jax import checkpoint, train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 60
-# Streaming DiLoCo, τ=1, E3M0, M=4; 2 blocks in one fragment plus the non-block one (P=2), so
-# that few programs compile.
+# Streaming DiLoCo, τ=1, E3M0, M=2 workers each sharded FSDP over mesh.data=2 devices (one
+# worker per process in the 2-process run); 2 blocks in one fragment plus the non-block one
+# (P=2), so that few programs compile.
 OVERRIDES = {"train.num_steps": STEPS, "diloco.inner_steps": 10, "diloco.wire": "packed",
+             "diloco.num_workers": 2, "mesh.data": 2,
              "model.num_layers": 2, "diloco.layers_per_fragment": 2,
              "eval.every_steps": 20, "checkpoint.every_steps": 20, "train.log_every": 10}
 HEARTBEAT_S = 10
