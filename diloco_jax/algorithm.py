@@ -387,8 +387,12 @@ class StreamingDiLoCo:
     """The parameters to evaluate: the outer copy θ_g (the paper's choice), the worker mean, or
     worker 0. Fresh arrays: the next step donates the state's buffers."""
     if which == "outer":
-      return jax.jit(lambda t: jax.tree.map(jnp.copy, t), out_shardings=sharding.named(
-          self.mesh, self.specs))(state.outer_params)   # from host memory too, when offloaded
+      leaves = jax.tree.leaves(state.outer_params)
+      if any(getattr(x.sharding, "memory_kind", None) == "pinned_host" for x in leaves):
+        # Offloaded: copied into device memory, in the same layout.
+        return jax.jit(lambda t: jax.tree.map(jnp.copy, t), out_shardings=sharding.named(
+            self.mesh, self.specs))(state.outer_params)
+      return _copy_tree(state.outer_params)
     if which == "worker_mean":
       return jax.tree.map(lambda x: jnp.mean(x, axis=0), state.local_params)
     if which == "worker0":

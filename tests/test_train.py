@@ -192,12 +192,13 @@ def test_streaming_bits_and_peak_against_data_parallel(tmp_path):
   s = train.run(cfg, str(tmp_path))
   rc = config_lib.from_config_dict(cfg)
   params = model_lib.init_params(rc.model, jax.random.PRNGKey(0))
-  sizes = fragments.by_blocks(params, layers_per_fragment=1).sizes(params)   # P = 3
+  frags = fragments.by_blocks(params, layers_per_fragment=1)   # P = 3
   n = s["num_params"]
-  assert sum(sizes) == n
-  # One all-gather (M−1 = 1 forward) of 4-bit codes plus an fp32 scale per 32 values, padded
-  # to whole blocks: ceil(n/32)·(32·4 + 32) bits.
-  wire = [-(-k // 32) * (32 * 4 + 32) for k in sizes]
+  assert sum(frags.sizes(params)) == n
+  # One all-gather (M−1 = 1 forward) of 4-bit codes plus an fp32 scale per 32 values, each leaf
+  # padded to whole blocks: Σ_leaves ceil(size/32)·(32·4 + 32) bits.
+  wire = [sum(-(-x.size // 32) * (32 * 4 + 32) for x in frags.select(params, p))
+          for p in range(3)]
   sends = {4: 0, 8: 0, 12: 0, 5: 1, 9: 1, 6: 2, 10: 2}   # H=4, offsets 0, 1, 2
   assert s["bits_sent_per_worker"] == sum(wire[p] for p in sends.values())
   assert s["peak_bits_per_step"] == max(wire)
