@@ -230,6 +230,13 @@ BAD = [
      "diloco.fragment_pattern must be one of ('strided', 'sequential'), got 'zigzag'"),
     ("streaming", {"diloco.inner_steps": 2},
      "diloco.inner_steps (H=2) must be at least the number of fragments (P=3)"),
+    ("diloco", {"mesh.model": 3},
+     "the parameter ['blocks'][0]['attn']['wk'] has heads=4 (model.num_heads), which "
+     "mesh.model=3 does not divide; choose mesh.model dividing 4"),
+    ("streaming", {"mesh.data": 4},   # d_model=64 over 4 devices: rows of 16 in [H, K, D]
+     "diloco.codec_block_size=32 must divide the runs of 16 values that each device holds of "
+     "['blocks'][0]['attn']['wo'] (4, 16, 64) under P(None, None, 'data') on this "
+     "mesh, so that no quantization block straddles two devices; use a block size dividing 16"),
 ]
 
 
