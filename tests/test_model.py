@@ -119,8 +119,8 @@ def test_rope_scores_depend_only_on_offset():
   K, L = 16, 12
   q = jax.random.normal(jax.random.key(2), (K,))
   k = jax.random.normal(jax.random.key(3), (K,))
-  rq = model._rope(jnp.broadcast_to(q, (1, L, 1, K)), 10000.0)[0, :, 0]
-  rk = model._rope(jnp.broadcast_to(k, (1, L, 1, K)), 10000.0)[0, :, 0]
+  rq = model.layers._rope(jnp.broadcast_to(q, (1, L, 1, K)), 10000.0)[0, :, 0]
+  rk = model.layers._rope(jnp.broadcast_to(k, (1, L, 1, K)), 10000.0)[0, :, 0]
   s_LxL = np.asarray(rq @ rk.T, np.float64)
   for m in range(L - 1):
     for n in range(L - 1):
@@ -143,7 +143,7 @@ def test_model_uses_order_of_earlier_tokens(monkeypatch):
   a, b = model.apply(cfg, p, tokens)[0, -1], model.apply(cfg, p, swapped)[0, -1]
   assert float(jnp.abs(a - b).max()) > 1e-3
   # Check of the argument itself: with RoPE replaced by the identity the swap is invisible.
-  monkeypatch.setattr(model, "_rope", lambda x, base: x)
+  monkeypatch.setattr(model.attention, "_rope", lambda x, base: x)
   a0, b0 = model.apply(cfg, p, tokens)[0, -1], model.apply(cfg, p, swapped)[0, -1]
   np.testing.assert_allclose(a0, b0, atol=1e-5)
 

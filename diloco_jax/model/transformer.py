@@ -1,0 +1,143 @@
+"""The decoder: pre-norm blocks, embedding and (un)embedding, and the pure functions the rest of
+the framework sees (`init_params`, `apply`, `param_count`, `logical_axes`)."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from diloco_jax.model.attention import Attention
+from diloco_jax.model.config import _DTYPES, ModelConfig
+from diloco_jax.model.layers import RMSNorm, _no_constraint, _normal
+from diloco_jax.model.mlp import Mlp
+
+# The logical name of every dimension of every parameter, keyed on the leaf's own name (the last
+# entry of its path). Norm scales are tiny and stay replicated ("norm").
+LOGICAL_AXES = {
+    "embed": ("vocab", "embed"),                 # [V, D]
+    "unembed": ("embed", "vocab"),               # [D, V]
+    "wq": ("embed", "heads", "head_dim"),        # [D, H, K]
+    "wk": ("embed", "heads", "head_dim"),
+    "wv": ("embed", "heads", "head_dim"),
+    "wo": ("heads", "head_dim", "embed"),        # [H, K, D]
+    "w_gate": ("embed", "mlp"),                  # [D, F]
+    "w_up": ("embed", "mlp"),
+    "w_down": ("mlp", "embed"),                  # [F, D]
+    "scale": ("norm",),                          # RMSNorm scales [D] or [K]
+}
+
+
+class Block(nnx.Module):
+  """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+    self.attn = Attention(cfg, rngs)
+    self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+    self.mlp = Mlp(cfg, rngs)
+
+  def __call__(self, x_BxLxD: jax.Array, constrain=_no_constraint) -> jax.Array:
+    x_BxLxD = x_BxLxD + self.attn(self.attn_norm(x_BxLxD), constrain)
+    return x_BxLxD + self.mlp(self.mlp_norm(x_BxLxD), constrain)
+
+
+class Transformer(nnx.Module):
+  """tokens [B, L] int -> logits [B, L, V] float32."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    # Vocabulary-facing matrices use std 0.02 (GPT-2 style) so the initial logits are small and
+    # the loss at init is close to log(vocab); the pre-norm blocks make the input scale irrelevant.
+    self.embed = _normal(rngs, (cfg.vocab_size, cfg.d_model), 0.02)  # [V, D]
+    self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
+    self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+    if not cfg.tied_embeddings:
+      self.unembed = _normal(rngs, (cfg.d_model, cfg.vocab_size), 0.02)  # [D, V]
+
+  def __call__(self, tokens_BxL: jax.Array, constrain=_no_constraint) -> jax.Array:
+    dt = _DTYPES[self.cfg.dtype]
+    # The lookup reads whole rows: gather from the table whole (under FSDP/TP it is all-gathered
+    # like every other weight); XLA cannot gather from a vocab-sharded table without first
+    # replicating it anyway.
+    table_VxD = constrain(self.embed[...], (None, None))
+    x_BxLxD = jnp.take(table_VxD, tokens_BxL, axis=0).astype(dt)
+    x_BxLxD = constrain(x_BxLxD, ("batch", None, None))
+    if self.cfg.remat == "block":
+      x_BxLxD = self._scan_blocks(x_BxLxD, constrain)
+    else:
+      for block in self.blocks:
+        x_BxLxD = block(x_BxLxD, constrain)
+    x_BxLxD = self.final_norm(x_BxLxD)
+    w_DxV = self.embed[...].T if self.cfg.tied_embeddings else self.unembed[...]
+    # Accumulate in float32: the softmax over 32k classes and the z-loss need full precision.
+    logits = jnp.einsum("bld,dv->blv", x_BxLxD, w_DxV.astype(dt),
+                        preferred_element_type=jnp.float32)
+    return constrain(logits, ("batch", None, "vocab"))
+
+
+  def _scan_blocks(self, x_BxLxD: jax.Array, constrain) -> jax.Array:
+    """The blocks as a scan over their stacked weights, each step under jax.checkpoint: the
+    backward pass keeps only each block's input and recomputes the rest. (Unrolled blocks
+    under jax.checkpoint do not save memory on XLA: its scheduler is free to run every
+    recomputation early, which XLA:CPU does; a scan's loop orders them.) The params stay one
+    dict per block (fragments are made of whole blocks): stacking them costs one copy of the
+    blocks' weights, sharded like the weights themselves."""
+    graphdef, _ = nnx.split(self.blocks[0])
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[nnx.state(b) for b in self.blocks])
+
+    def body(x, state):
+      return nnx.merge(graphdef, state)(x, constrain), None
+
+    return jax.lax.scan(jax.checkpoint(body), x_BxLxD, stacked)[0]
+
+
+def init_params(cfg: ModelConfig, rng: jax.Array) -> dict:
+  """A fresh params pytree: a plain nested dict of float32 arrays (see the module docstring)."""
+  _, state = nnx.split(Transformer(cfg, rngs=nnx.Rngs(params=rng)))
+  return nnx.to_pure_dict(state)
+
+
+@functools.lru_cache(maxsize=32)
+def _abstract(cfg: ModelConfig):
+  """The module's graph definition and an allocation-free state, built once per config."""
+  return nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+
+
+def apply(cfg: ModelConfig, params: dict, tokens_BxL: jax.Array,
+          constrain=_no_constraint) -> jax.Array:
+  """Pure forward pass: logits [B, L, V] float32. Safe under jit, vmap and grad.
+
+  `constrain(x, names)` is called on the activations with one logical name (or None) per
+  dimension, e.g. ("batch", None, "heads", None); `sharding.activation_constraint` turns it
+  into sharding constraints for a mesh.
+  """
+  graphdef, abstract_state = _abstract(cfg)
+  state = jax.tree.map(lambda x: x, abstract_state)  # a fresh copy: the cached one is never filled
+  nnx.replace_by_pure_dict(state, params)
+  return nnx.merge(graphdef, state)(tokens_BxL, constrain)
+
+
+def param_count(cfg: ModelConfig) -> int:
+  """Number of parameters, from shapes only (no allocation, fast even for the 4B config)."""
+  shapes = jax.eval_shape(functools.partial(init_params, cfg), jax.random.key(0))
+  return sum(x.size for x in jax.tree.leaves(shapes))
+
+
+def logical_axes(params: dict) -> dict:
+  """The logical axis names of every leaf of a params tree (arrays or ShapeDtypeStructs), a
+  tree of tuples with one name per dimension (see LOGICAL_AXES)."""
+  def names(path, leaf):
+    key = _key_name(path[-1])
+    if key not in LOGICAL_AXES or len(LOGICAL_AXES[key]) != len(leaf.shape):
+      raise ValueError(f"no logical axes for the parameter {jax.tree_util.keystr(path)} of "
+                       f"shape {tuple(leaf.shape)}")
+    return LOGICAL_AXES[key]
+  return jax.tree_util.tree_map_with_path(names, params)
+
+
+def _key_name(entry) -> object:
+  """The raw key of one path entry (dict key or sequence index)."""
+  return getattr(entry, "key", getattr(entry, "idx", entry))
