@@ -31,7 +31,7 @@ Choices the paper leaves open (ours; `docs/results/netsim.md` has the evidence):
 * Parameters: N is the nominal size (1B → 1e9, 10B → 1e10, 100B → 1e11), spread evenly over the L
   layers (no embedding node). The paper's 1B table implies N·bits ≈ 1.35e10 bits per full sync
   (≈ 0.85e9 bf16 values): with N = 1e9 our bandwidths are one grid step (21 %) above the
-  paper's in 17 of 25 cells, with N = 0.86e9 they match in 23. `model.py`'s 1B preset (1.275e9)
+  paper's in 17 of 25 cells, with N = 0.86e9 they match in 23. The model package's 1B preset (1.275e9)
   would put cells two or three steps too high.
 * Bits per value: 16 (bf16) for dp, diloco, streaming and streaming_overlap; 4 for
   streaming_overlap_fp4 (no per-block scales). 32 bits would double the unquantized rows and make

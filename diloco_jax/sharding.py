@@ -52,7 +52,8 @@ ACTIVATION_RULES: dict[str, str | None] = {
 
 # The config key behind each logical dimension, for error messages.
 _MODEL_KEYS = {"vocab": "model.vocab_size", "embed": "model.d_model", "heads": "model.num_heads",
-               "mlp": "model.ffn_dim", "head_dim": "model.head_dim"}
+               "mlp": "model.ffn_dim", "head_dim": "model.head_dim",
+               "experts": "model.moe.num_experts"}
 
 
 def _is_names(x) -> bool:

@@ -27,6 +27,14 @@ LOGICAL_AXES = {
     "w_up": ("embed", "mlp"),
     "w_down": ("mlp", "embed"),                  # [F, D]
     "scale": ("norm",),                          # RMSNorm scales [D] or [K]
+    # The sparse feed-forward (moe.py): the router is small and stays whole inside a worker.
+    "router": ("embed", None),                   # [D, E]
+    "experts_gate": ("experts", "embed", "mlp"),  # [E, D, F]
+    "experts_up": ("experts", "embed", "mlp"),
+    "experts_down": ("experts", "mlp", "embed"),  # [E, F, D]
+    "shared_gate": ("embed", "mlp"),             # [D, F]
+    "shared_up": ("embed", "mlp"),
+    "shared_down": ("mlp", "embed"),             # [F, D]
 }
 
 
