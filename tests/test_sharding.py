@@ -362,16 +362,13 @@ def test_no_recompilation_after_the_first_outer_round_under_fsdp_tp():
 
 # ---------------------------------------------------------------- checkpoints across meshes
 def test_checkpoint_saved_under_data4_restores_under_data2_and_data1(tmp_path):
+  # The same algorithm as the other tests (their compiled programs are cached), with the rule
+  # table's specs on every mesh (on data=1 they are all P()).
   def fsdp(data):
-    mesh = mesh_lib.make_mesh(M, data=data)
-    return algorithm.StreamingDiLoCo(
-        functools.partial(model_lib.loss_fn, CFG, constrain=sharding.activation_constraint(mesh)),
-        optax.adamw(1e-3), optax.sgd(0.4, 0.9, nesterov=True), num_workers=M, inner_steps=H,
-        mesh=mesh, fragments=lambda p: fragments.by_blocks(p, layers_per_fragment=1),
-        overlap_steps=1, merge_alpha=0.5, codec=quantize.get_codec("fp4_e3m0", 16),
-        param_specs=lambda p: sharding.param_specs(mesh, p, model_lib.logical_axes(p)))
+    MESHES[f"data{data}"] = (data, 1)
+    return _streaming(f"data{data}")
   a4 = fsdp(4)
-  saved, _ = _run(a4, a4.init(PARAMS), 1, H + 1)   # fragment 0's mean in flight
+  saved, _ = _run(a4, _init(a4), 1, H + 1)   # fragment 0's mean in flight
   ckpt = checkpoint.Checkpointer(str(tmp_path / "ckpt"))
   ckpt.save(H + 1, saved, {"note": "data=4"})
   ckpt.wait()
@@ -379,7 +376,7 @@ def test_checkpoint_saved_under_data4_restores_under_data2_and_data1(tmp_path):
   uninterrupted, _ = _run(a4, jax.device_put(saved, a4.state_shardings()), H + 2, 2 * H + 2)
   for data in (4, 2, 1):
     algo = fsdp(data)
-    like = algo.init(PARAMS)
+    like = _init(algo)
     restored, host = ckpt.restore(H + 1, like)
     assert host == {"note": "data=4"}
     _assert_equal(restored, saved)   # the same values, whatever the mesh
@@ -391,7 +388,7 @@ def test_checkpoint_saved_under_data4_restores_under_data2_and_data1(tmp_path):
       _assert_equal(resumed, uninterrupted)
       continue
     twin = fsdp(data)
-    twin.init(PARAMS)
+    _init(twin)
     same, _ = _run(twin, jax.device_put(saved, twin.state_shardings()), H + 2, 2 * H + 2)
     _assert_equal(resumed, same)
   ckpt.close()
