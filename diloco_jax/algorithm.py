@@ -19,6 +19,7 @@ is that special case.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
 import math
 from typing import Any, Callable, Sequence
@@ -29,8 +30,6 @@ import numpy as np
 import optax
 from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-
-import dataclasses
 
 from diloco_jax import collectives, fragments as fragments_lib, inner, mesh as mesh_lib, outer
 from diloco_jax import sharding
@@ -138,7 +137,7 @@ class StreamingDiLoCo:
     (static Python; `params` may be abstract). `init` calls it; `aot` calls it alone."""
     # A re-init (possibly with another params structure) starts from fresh programs.
     for name in ("_inner_step", "_sync", "_send", "_receive_first", "_receive_late",
-                 "fragment_bits"):
+                 "_to_device_copy"):
       self.__dict__.pop(name, None)
     self._last_t = None
     self._bound.reset()
@@ -153,10 +152,11 @@ class StreamingDiLoCo:
     specs = self._specs_arg(params) if callable(self._specs_arg) else self._specs_arg
     self.specs = sharding.param_specs(self.mesh, params, None) if specs is None else specs
     self.layout = _Layout.build(self, params)
-    shapes = [x.shape for x in jax.tree.leaves(params)]
-    paths = [jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
-    collectives.check_blocks(shapes, jax.tree.leaves(self.specs, is_leaf=sharding.is_spec),
-                             self.mesh, self.codec, paths)
+    collectives.check_blocks(params, self.specs, self.mesh, self.codec)
+    # Bits one worker sends for each fragment's sync (static: shapes, specs and the mesh).
+    self.fragment_bits = tuple(collectives.bits_per_worker(
+        [x.shape for x in f.select(params, p)], self.codec, self.M, self.wire,
+        f.select(self.specs, p), self.mesh) for p in range(f.num_fragments))
 
   def init(self, params: PyTree, rng: jax.Array | None = None) -> DilocoState:
     """Every worker starts from the same `params`; θ_g = params; outer states per fragment.
@@ -376,12 +376,10 @@ class StreamingDiLoCo:
     return sum(self.fragment_bits[p] for p in self.schedule.sends(t))
 
   @functools.cached_property
-  def fragment_bits(self) -> tuple[int, ...]:
-    """Bits one worker sends for each fragment's sync."""
-    f, lay = self.fragments, self.layout
-    return tuple(collectives.bits_per_worker(
-        lay.frag_shapes[p], self.codec, self.M, self.wire, f.select(self.specs, p), self.mesh)
-        for p in range(f.num_fragments))
+  def _to_device_copy(self):
+    """Offloaded outer params copied into device memory, in their layout (one program)."""
+    return jax.jit(lambda t: jax.tree.map(jnp.copy, t),
+                   out_shardings=sharding.named(self.mesh, self.specs))
 
   def eval_params(self, state: DilocoState, which: str = "outer") -> PyTree:
     """The parameters to evaluate: the outer copy θ_g (the paper's choice), the worker mean, or
@@ -389,9 +387,7 @@ class StreamingDiLoCo:
     if which == "outer":
       leaves = jax.tree.leaves(state.outer_params)
       if any(getattr(x.sharding, "memory_kind", None) == "pinned_host" for x in leaves):
-        # Offloaded: copied into device memory, in the same layout.
-        return jax.jit(lambda t: jax.tree.map(jnp.copy, t), out_shardings=sharding.named(
-            self.mesh, self.specs))(state.outer_params)
+        return self._to_device_copy(state.outer_params)   # offloaded
       return _copy_tree(state.outer_params)
     if which == "worker_mean":
       return jax.tree.map(lambda x: jnp.mean(x, axis=0), state.local_params)
@@ -422,7 +418,6 @@ class _Layout:
   outer: PyTree
   outer_opt: tuple
   residual: tuple
-  frag_shapes: tuple
 
   @classmethod
   def build(cls, algo: "StreamingDiLoCo", params: PyTree) -> "_Layout":
@@ -440,9 +435,7 @@ class _Layout:
         local=sharding.named(mesh, worker(specs)),
         inner_opt=sharding.named(mesh, worker(inner_specs)),
         outer=sharding.named(mesh, specs), outer_opt=outer_opt,
-        residual=tuple(NamedSharding(mesh, sharding.per_worker(s)) for s in leaf_specs),
-        frag_shapes=tuple([tuple(x.shape) for x in f.select(params, p)]
-                          for p in range(f.num_fragments)))
+        residual=tuple(NamedSharding(mesh, sharding.per_worker(s)) for s in leaf_specs))
 
   def _host(self, tree):
     if not self.algo.offload_outer:

@@ -90,7 +90,7 @@ def check(config, hbm_gib: float = 0.0) -> dict:
   params = jax.eval_shape(functools.partial(model_lib.init_params, rc.model), key)
   numel = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
   algo = build.make_algorithm(rc, mesh, params)
-  algo.bind(params)
+  # eval_shape runs init abstractly, which binds the layout that state_shardings() returns.
   state = _with_shardings(jax.eval_shape(algo.init, params, key), algo.state_shardings())
   batch = jax.ShapeDtypeStruct((M, rc.train.batch_size, rc.data.seq_len + 1), jax.numpy.int32,
                                sharding=mesh_lib.batch_sharding(mesh))

@@ -63,15 +63,18 @@ def bits_per_worker(shapes: Sequence[Sequence[int]], codec: Codec, num_workers: 
   return total
 
 
-def check_blocks(shapes: Sequence[Sequence[int]], specs: Sequence[P], mesh: Mesh,
-                 codec: Codec, names: Sequence[str]) -> None:
+def check_blocks(params, specs, mesh: Mesh, codec: Codec) -> None:
   """Quantization blocks must not straddle shard boundaries, so that every device quantizes its
   own shard and the blocks (B consecutive values of the flattened leaf) are the same on every
   mesh. A device's shard is a set of contiguous runs of the flattened leaf, each as long as the
-  innermost sharded dimension's shard times the dimensions after it: B must divide that."""
+  innermost sharded dimension's shard times the dimensions after it: B must divide that.
+  `params` (arrays or shapes) and `specs` (a PartitionSpec per leaf) are trees alike."""
   if codec.name in ("fp32", "bf16"):   # no blocks
     return
-  for shape, spec, name in zip(shapes, specs, names, strict=True):
+  paths = jax.tree_util.tree_flatten_with_path(params)[0]
+  for (path, leaf), spec in zip(paths, jax.tree.leaves(specs, is_leaf=sharding.is_spec),
+                                strict=True):
+    shape, name = tuple(leaf.shape), jax.tree_util.keystr(path)
     local = sharding.local_shape(shape, spec, mesh)
     split = [i for i, (n, k) in enumerate(zip(shape, local)) if n != k]
     if not split:
@@ -124,8 +127,7 @@ def worker_mean(delta_leaves: list, codec: Codec, mesh: Mesh, *, wire: str = "re
       )(keys_m)
       if wire == "reference":
         s = jax.vmap(codec.roundtrip)(flat) if k is None else jax.vmap(codec.roundtrip)(flat, k)
-        total = jax.lax.psum(jnp.sum(s, axis=0) if m > 1 else s[0], mesh_lib.WORKER)
-        mu = total / M
+        mu = jax.lax.psum(jnp.sum(s, axis=0), mesh_lib.WORKER) / M
       else:
         enc = jax.vmap(codec.encode)(flat) if k is None else jax.vmap(codec.encode)(flat, k)
         # What crosses the worker axis: the packed payload and the per-block scales only.

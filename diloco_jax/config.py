@@ -413,10 +413,7 @@ class RunConfig:
     specs = param_specs(mesh, params)
     if self.algorithm != "dp":
       try:
-        collectives.check_blocks(
-            [x.shape for x in jax.tree.leaves(params)],
-            jax.tree.leaves(specs, is_leaf=sharding.is_spec), mesh, d.quantizer,
-            [jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_flatten_with_path(params)[0]])
+        collectives.check_blocks(params, specs, mesh, d.quantizer)
       except ValueError as e:
         raise ConfigError(str(e)) from None
 

@@ -124,11 +124,6 @@ def named(mesh: Mesh, specs: PyTree, memory_kind: str | None = None) -> PyTree:
                       is_leaf=is_spec)
 
 
-def constrain(tree: PyTree, shardings: PyTree) -> PyTree:
-  """with_sharding_constraint leaf by leaf (inside a program: pins the layout of its outputs)."""
-  return jax.tree.map(jax.lax.with_sharding_constraint, tree, shardings)
-
-
 def local_shape(shape: Sequence[int], spec: P, mesh: Mesh) -> tuple[int, ...]:
   """The shape of one device's shard of an array of `shape` under `spec`."""
   out = list(shape)
@@ -137,21 +132,6 @@ def local_shape(shape: Sequence[int], spec: P, mesh: Mesh) -> tuple[int, ...]:
       if a is not None:
         out[i] //= mesh_lib.axis_size(mesh, a)
   return tuple(out)
-
-
-def copies_per_worker(spec: P, mesh: Mesh) -> int:
-  """How many of a worker's devices hold the same shard of a leaf with this (worker-free) spec:
-  the product of the inner mesh axes the spec does not name."""
-  named_axes = {a for axes in spec for a in (axes if isinstance(axes, tuple) else (axes,))}
-  return mesh_lib.devices_per_worker(mesh) // _prod(
-      mesh_lib.axis_size(mesh, a) for a in named_axes if a is not None)
-
-
-def _prod(xs) -> int:
-  out = 1
-  for x in xs:
-    out *= x
-  return out
 
 
 def activation_constraint(mesh: Mesh, rules: dict = ACTIVATION_RULES):

@@ -171,9 +171,13 @@ def test_layouts_divide_each_workers_state_by_data_times_model(report):
     assert sum(mem["fields"].values()) == mem["total"], name
     assert mem["per_device"] == [mem["total"]] * row["devices"], name
     assert mem["ratio"] == pytest.approx(mem["total"] / rows["replicated"]["memory"]["total"])
-    # The inner step's arguments: the state's worker fields and the batch, all divided but the
-    # norm scales and counters.
-    assert 1 / n <= row["inner_step_argument_ratio"] <= 1.02 / n, (name, row)
+    # The inner step's arguments: the state's worker fields, the step and this device's rows of
+    # the [B, L+1] int32 batch, all divided but the norm scales and counters.
+    batch_rows = lay["batch_size"] // data * (lay["seq_len"] + 1) * 4
+    args = mem["fields"]["local_params"] + mem["fields"]["inner_opt_state"] + 4 + batch_rows
+    assert row["inner_step_argument_bytes"] == args, (name, row)
+    assert row["inner_step_argument_ratio"] == pytest.approx(
+        args / rows["replicated"]["inner_step_argument_bytes"]), (name, row)
     for key in ("samples", "cpu_samples"):
       assert len(row[key]) == report["settings"]["repeats"], (name, key)
       assert all(_positive(x) for x in row[key]), (name, key, row[key])
