@@ -162,6 +162,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, stop_after: int | None 
               "bits_this_step": algo.bits_sent(t), "dp_bits_sent_per_worker": t * dp_step_bits}
       pending = (t, m, host)
     if (ckpt_every and t % ckpt_every == 0) or final:
+      if pending is not None and pending[0] == t:
+        # Row t is written before the checkpoint that covers it: rows are logged a step late,
+        # and a run killed between this checkpoint and the next step resumes at t + 1, so it
+        # would never log step t. Saving reads the state to the host anyway: no extra wait.
+        last_row = flush(pending)
+        pending = None
       # The host-side state: the data position and the latest sync diagnostics (floats, read
       # here where orbax copies the state to the host anyway), so a resumed run logs the same.
       ckpt.save(t, state, {"data_iterator": train_it.get_state(),
