@@ -91,6 +91,9 @@ class StreamingDiLoCo:
     offload_outer: keep the outer copy, the outer optimizer state and the in-flight outer
       gradients in host memory (pinned_host); each send/receive brings only its fragment to the
       device (the schedule is static, so only that fragment is ever needed there).
+    sync_every: {fragment name: period}: fragments synced every k inner steps (k dividing H)
+      instead of every H, outside the staggering (e.g. {"router": 10} with the MoE routers split
+      into their own fragment by `fragments.split_out`); default: every fragment every H.
   """
 
   def __init__(self, loss_fn: LossFn, inner_opt: optax.GradientTransformation,
@@ -98,7 +101,7 @@ class StreamingDiLoCo:
                mesh: Mesh | None = None, fragments=None, overlap_steps: int | Sequence[int] = 0,
                merge_alpha: float = 0.0, codec: Codec | str = "fp32", wire: str = "reference",
                error_feedback: bool = False, max_steps_in_flight: int = 2,
-               param_specs=None, offload_outer: bool = False):
+               param_specs=None, offload_outer: bool = False, sync_every=None):
     if num_workers < 1:
       raise ValueError(f"diloco.num_workers (M) must be at least 1, got {num_workers}")
     if inner_steps < 1:
@@ -128,6 +131,7 @@ class StreamingDiLoCo:
     self._fragments_arg = fragments
     self._specs_arg = param_specs
     self.offload_outer = bool(offload_outer)
+    self._sync_every = dict(sync_every or {})
     self.fragments: fragments_lib.Fragments | None = None
     self.schedule: fragments_lib.Schedule | None = None
 
@@ -148,7 +152,13 @@ class StreamingDiLoCo:
       f = f(params)
     self.fragments = f
     self.fragment_numel = f.sizes(params)
-    self.schedule = fragments_lib.Schedule(H=self.H, P=f.num_fragments, tau=max(self.taus))
+    unknown = sorted(set(self._sync_every) - set(f.names))
+    if unknown:
+      raise ValueError(f"sync_every names fragments {unknown} that do not exist; the fragments "
+                       f"are {list(f.names)}")
+    self.schedule = fragments_lib.Schedule(
+        H=self.H, P=f.num_fragments, tau=max(self.taus),
+        every=tuple(self._sync_every.get(n, 0) for n in f.names) if self._sync_every else ())
     specs = self._specs_arg(params) if callable(self._specs_arg) else self._specs_arg
     self.specs = sharding.param_specs(self.mesh, params, None) if specs is None else specs
     self.layout = _Layout.build(self, params)
@@ -194,9 +204,7 @@ class StreamingDiLoCo:
   @functools.cached_property
   def _inner_step(self):
     def one_worker(params, opt_state, batch):
-      params, opt_state, loss, _ = inner.worker_step(self.loss_fn, self.inner_opt, params,
-                                                     opt_state, batch)
-      return params, opt_state, loss
+      return inner.worker_step(self.loss_fn, self.inner_opt, params, opt_state, batch)
 
     all_workers = jax.vmap(one_worker, spmd_axis_name=mesh_lib.WORKER)
     lay = self.layout
@@ -204,11 +212,12 @@ class StreamingDiLoCo:
     # Every program pins its outputs' shardings (out_shardings: the state's layout), so the
     # layout never changes between programs and nothing recompiles.
     def step(t, local, opt_state, batch_MxB):
-      local, opt_state, loss_M = all_workers(local, opt_state, batch_MxB)
-      return t + 1, local, opt_state, loss_M
+      local, opt_state, loss_M, aux_M = all_workers(local, opt_state, batch_MxB)
+      return t + 1, local, opt_state, loss_M, aux_M
 
-    return jax.jit(step, donate_argnums=(0, 1, 2),
-                   out_shardings=(lay.repl, lay.local, lay.inner_opt, lay.worker_vector))
+    # The loss function's aux (one [M, ...] array per entry) shares the loss's sharding.
+    return jax.jit(step, donate_argnums=(0, 1, 2), out_shardings=(
+        lay.repl, lay.local, lay.inner_opt, lay.worker_vector, lay.worker_vector))
 
   def _reduce(self, p: int, outer_p: list, local_p: list, residual_p: list, rng):
     """The send: Δ_p = mean_m Q(θ_{g,p} − θ_{m,p} [+ residual]) in fp32, and diagnostics."""
@@ -303,7 +312,9 @@ class StreamingDiLoCo:
     """Inner step t (1-based) for all workers, then what the static schedule puts at t: merges
     of fragments sent at t − τ_m, then this step's send. Nothing here waits on a device value.
 
-    Returns (state, metrics); metrics are device values (fetch them late to avoid a host sync).
+    Returns (state, metrics); metrics are device values (fetch them late to avoid a host sync):
+    "loss" [M], "aux" (the loss function's aux dict, leaves [M, ...]) and the sync diagnostics
+    of the fragments sent at t.
     """
     if self.schedule is None:
       raise RuntimeError("call init(params) before step()")
@@ -314,11 +325,11 @@ class StreamingDiLoCo:
     self._last_t = t
     self._bound.wait()
     f = self.fragments
-    step, local, inner_state, loss = self._inner_step(state.step, state.local_params,
-                                                      state.inner_opt_state, batch_MxB)
+    step, local, inner_state, loss, aux = self._inner_step(state.step, state.local_params,
+                                                           state.inner_opt_state, batch_MxB)
     state = state.replace(step=step, local_params=local, inner_opt_state=inner_state)
     self._bound.push(loss)
-    metrics = {"loss": loss}
+    metrics = {"loss": loss, "aux": aux}
     for d in sorted(set(self.taus)):   # receives, τ ≥ 1 (a fragment sent at t − d)
       if d == 0 or t - d < 1:
         continue
@@ -520,7 +531,8 @@ def DiLoCo(loss_fn: LossFn, inner_opt, outer_opt, *, num_workers: int, inner_ste
            error_feedback: bool = False, **layout) -> StreamingDiLoCo:
   """DiLoCo (Algorithm 1): one fragment, no overlap, workers restart from the outer copy
   (optionally with a quantized all-reduce). `layout`: StreamingDiLoCo's `param_specs`,
-  `offload_outer`, `max_steps_in_flight`."""
+  `offload_outer`, `max_steps_in_flight`, and `fragments` + `sync_every` for a part synced on
+  its own period (the MoE routers)."""
   return StreamingDiLoCo(loss_fn, inner_opt, outer_opt, num_workers=num_workers,
                          inner_steps=inner_steps, mesh=mesh, codec=codec, wire=wire,
                          error_feedback=error_feedback, **layout)
@@ -582,17 +594,23 @@ class DataParallel:
   def _step(self):
     grads_per_worker = jax.vmap(
         lambda p, b: jax.value_and_grad(self.loss_fn, has_aux=True)(p, b),
-        in_axes=(None, 0), spmd_axis_name=mesh_lib.WORKER)
+        spmd_axis_name=mesh_lib.WORKER)
 
     def step(state: DPState, batch_MxB):
-      (loss_M, _), grads_M = grads_per_worker(state.params, batch_MxB)
+      # The params enter the vmap broadcast to [M, ...] (split over the worker axis, so each
+      # worker's devices hold one copy, as replicated params would): some batching rules need
+      # every operand batched (jax.lax.ragged_dot, the dropless MoE's grouped matmul).
+      params_M = jax.tree.map(lambda x: jnp.broadcast_to(x, (self.M,) + x.shape), state.params)
+      (loss_M, aux_M), grads_M = grads_per_worker(params_M, batch_MxB)
       grads = jax.tree.map(lambda g: jnp.mean(g, axis=0), grads_M)  # the all-reduce
       updates, opt_state = self.opt.update(grads, state.opt_state, state.params)
       params = optax.apply_updates(state.params, updates)
-      return DPState(step=state.step + 1, params=params, opt_state=opt_state), {"loss": loss_M}
+      return (DPState(step=state.step + 1, params=params, opt_state=opt_state),
+              {"loss": loss_M, "aux": aux_M})
 
+    per_worker = NamedSharding(self.mesh, P(mesh_lib.WORKER))
     return jax.jit(step, donate_argnums=0, out_shardings=(
-        self.shardings, {"loss": NamedSharding(self.mesh, P(mesh_lib.WORKER))}))
+        self.shardings, {"loss": per_worker, "aux": per_worker}))
 
   def step(self, state: DPState, batch_MxB: jax.Array, t: int):
     del t

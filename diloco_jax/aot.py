@@ -35,7 +35,7 @@ from diloco_jax.cli import parse_flags
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path[:arg]).",
                                           lock_config=True)
 _DEVICES = flags.DEFINE_integer("devices", 0, "Simulated devices (0: M * mesh.data * "
-                                "mesh.model, one mesh's worth).", lower_bound=0)
+                                "mesh.expert * mesh.model, one mesh's worth).", lower_bound=0)
 _HBM = flags.DEFINE_float("hbm_gib", 0.0, "Memory per device to check against, GiB "
                           "(e.g. 16 for TPU v5e, 95 for v5p, 80 for H100); 0: no verdict.",
                           lower_bound=0.0)

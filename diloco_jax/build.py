@@ -15,13 +15,14 @@ import jax
 from diloco_jax import algorithm, collectives, data, inner, outer, sharding
 from diloco_jax import mesh as mesh_lib
 from diloco_jax import model as model_lib
-from diloco_jax.config import ConfigError, RunConfig, make_fragments, param_specs
+from diloco_jax.config import ConfigError, RunConfig, make_fragments, param_specs, sync_every
 
 
 def cpu_devices_for(rc: RunConfig) -> int:
   """How many simulated host devices the entry points ask for: mesh.num_cpu_devices, else one
-  per worker, data shard and model shard."""
-  return rc.mesh.num_cpu_devices or rc.diloco.num_workers * rc.mesh.data * rc.mesh.model
+  per worker, data, expert and model shard."""
+  m = rc.mesh
+  return m.num_cpu_devices or rc.diloco.num_workers * m.data * m.expert * m.model
 
 
 def make_source(rc: RunConfig, split: str = "train"):
@@ -40,7 +41,8 @@ def make_mesh(rc: RunConfig, devices=None):
   """The (worker, data, expert, context, model) mesh of the config over `devices` (default:
   all)."""
   try:
-    return mesh_lib.make_mesh(rc.diloco.num_workers, rc.mesh.data, rc.mesh.model, devices)
+    return mesh_lib.make_mesh(rc.diloco.num_workers, rc.mesh.data, rc.mesh.model, devices,
+                              expert=rc.mesh.expert)
   except ValueError as e:
     raise ConfigError(f"mesh: {e}") from None
 
@@ -72,12 +74,14 @@ def make_algorithm(rc: RunConfig, mesh, params):
   common = dict(num_workers=d.num_workers, inner_steps=d.inner_steps, mesh=mesh,
                 codec=d.quantizer, wire=d.wire, error_feedback=d.error_feedback,
                 param_specs=specs, offload_outer=d.offload_outer)
+  if d.router_sync_every:   # the routers as their own fragment, on their own period
+    common.update(fragments=make_fragments(rc, params), sync_every=sync_every(rc))
   if rc.algorithm == "diloco":
     return algorithm.DiLoCo(loss_fn, inner_opt, outer_opt, **common)
+  common.setdefault("fragments", make_fragments(rc, params))
   return algorithm.StreamingDiLoCo(
-      loss_fn, inner_opt, outer_opt, fragments=make_fragments(rc, params),
-      overlap_steps=d.worker_overlap_steps or d.overlap_steps, merge_alpha=d.merge_alpha,
-      **common)
+      loss_fn, inner_opt, outer_opt, overlap_steps=d.worker_overlap_steps or d.overlap_steps,
+      merge_alpha=d.merge_alpha, **common)
 
 
 def dp_bits_per_step(rc: RunConfig, numel: int) -> int:

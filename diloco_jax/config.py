@@ -95,15 +95,29 @@ class ModelSection:
   num_layers: int = 0              # transformer blocks; 0: the preset's
   vocab_size: int = 0              # 0: the data source's vocabulary
   mlp: str = ""                    # "swiglu" or "gelu"; "": the preset's
+  d_model: int = 0                 # 0: the preset's
+  num_heads: int = 0               # 0: the preset's
+  ffn_dim: int = 0                 # dense MLP hidden size; 0: the preset's
   tied_embeddings: bool = True
   dtype: str = "float32"           # compute dtype; params are fp32
   remat: str = "none"              # "block": recompute each block's activations in backward
+  moe: Any = None                  # model.moe.*: MoEConfig's keys; num_experts=0 (or no
+                                   # section): a dense model
 
   def __post_init__(self):
     _choice("model.preset", self.preset, tuple(model_lib.PRESETS))
-    _integer("model.num_layers", self.num_layers, 0)
-    _integer("model.vocab_size", self.vocab_size, 0)
+    for name in ("num_layers", "vocab_size", "d_model", "num_heads", "ffn_dim"):
+      _integer(f"model.{name}", getattr(self, name), 0)
     _bool("model.tied_embeddings", self.tied_embeddings)
+    moe = {} if self.moe is None else _plain(self.moe, "model.moe")
+    if moe.get("num_experts", 0) == 0:
+      _set(self, "moe", None)
+    else:
+      try:   # MoEConfig's messages name the model.moe.* key
+        _set(self, "moe", model_lib.MoEConfig(**_keyword_args(model_lib.MoEConfig, moe,
+                                                              "model.moe")))
+      except (TypeError, ValueError) as e:
+        raise ConfigError(str(e)) from None
 
   def resolve(self, data_vocab: int) -> model_lib.ModelConfig:
     """The preset's ModelConfig with every other field of this section as an override (a field
@@ -111,10 +125,9 @@ class ModelSection:
     overrides = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
                  if f.name != "preset"}
     overrides["vocab_size"] = self.vocab_size or data_vocab
-    if not self.num_layers:
-      del overrides["num_layers"]   # the preset's
-    if not self.mlp:
-      del overrides["mlp"]          # the preset's
+    for name in ("num_layers", "d_model", "num_heads", "ffn_dim", "mlp"):
+      if not getattr(self, name):
+        del overrides[name]         # the preset's
     try:
       return model_lib.config_from_preset(self.preset, **overrides)
     except ValueError as e:   # ModelConfig's messages name the model.* key
@@ -143,6 +156,8 @@ class DilocoConfig:
   stochastic_rounding: bool = False
   error_feedback: bool = False
   wire: str = "reference"
+  router_sync_every: int = 0       # MoE: routers as their own fragment, synced every k steps
+                                   # (k dividing H); 0: with their block's fragment
   quantizer: quantize.Codec = dataclasses.field(init=False)   # Q as the algorithm takes it
 
   def __post_init__(self):
@@ -164,6 +179,7 @@ class DilocoConfig:
     _bool("diloco.stochastic_rounding", self.stochastic_rounding)
     _bool("diloco.error_feedback", self.error_feedback)
     _choice("diloco.wire", self.wire, collectives.WIRES)
+    _integer("diloco.router_sync_every", self.router_sync_every, 0)
     try:   # quantize.Codec checks diloco.codec and diloco.codec_block_size
       _set(self, "quantizer", quantize.get_codec(self.codec, self.codec_block_size,
                                                  self.stochastic_rounding))
@@ -281,11 +297,14 @@ class MeshConfig:
 
   data: int = 1                    # devices per worker for its batch
   model: int = 1                   # devices per worker along the model axis
-  num_cpu_devices: int = 0         # 0: M * data * model
+  expert: int = 1                  # devices per worker holding E/expert experts each (the
+                                   # batch is split over data × expert)
+  num_cpu_devices: int = 0         # 0: M * data * expert * model
 
   def __post_init__(self):
     _integer("mesh.data", self.data, 1)
     _integer("mesh.model", self.model, 1)
+    _integer("mesh.expert", self.expert, 1)
     _integer("mesh.num_cpu_devices", self.num_cpu_devices, 0)
 
 
@@ -344,12 +363,35 @@ def make_fragments(rc: RunConfig, params) -> fragments.Fragments:
   RunConfig runs it on abstract params, so a bad value stops a run before anything compiles."""
   d = rc.diloco
   try:
-    frags = fragments.by_blocks(params, layers_per_fragment=d.layers_per_fragment,
-                                pattern=d.fragment_pattern)
-    fragments.Schedule(H=d.inner_steps, P=frags.num_fragments, tau=max(d.taus))
+    if rc.algorithm == "streaming":
+      frags = fragments.by_blocks(params, layers_per_fragment=d.layers_per_fragment,
+                                  pattern=d.fragment_pattern)
+    else:
+      frags = fragments.single(params)
+    if d.router_sync_every:
+      frags = fragments.split_out(frags, params, ROUTER_FRAGMENT, is_router)
+    periods = sync_every(rc) or {}
+    fragments.Schedule(H=d.inner_steps, P=frags.num_fragments, tau=max(d.taus),
+                       every=tuple(periods.get(n, 0) for n in frags.names) if periods else ())
   except ValueError as e:
     raise ConfigError(str(e)) from None
   return frags
+
+
+ROUTER_FRAGMENT = "router"
+
+
+def is_router(path, leaf) -> bool:
+  """An MoE router weight (the leaf named "router")."""
+  del leaf
+  return getattr(path[-1], "key", None) == "router"
+
+
+def sync_every(rc: RunConfig) -> dict | None:
+  """The fragments with their own sync period, as the algorithm takes them ({"router": k}), or
+  None."""
+  k = rc.diloco.router_sync_every
+  return {ROUTER_FRAGMENT: k} if k else None
 
 
 # ------------------------------------------------------------------------------------- run
@@ -381,10 +423,21 @@ class RunConfig:
     """The checks that span sections."""
     _choice("algorithm", self.algorithm, ALGORITHMS)
     _integer("seed", self.seed, 0)
-    d, B, D = self.diloco, self.train.batch_size, self.mesh.data
+    d, B, D, X = self.diloco, self.train.batch_size, self.mesh.data, self.mesh.expert
     if B % D:
       raise ConfigError(f"train.batch_size={B} must be divisible by mesh.data={D} "
                         f"(devices per worker)")
+    if X > 1:
+      moe = self.model.moe
+      if moe is None:
+        raise ConfigError(f"mesh.expert={X} needs an MoE model (model.moe.num_experts >= 1); "
+                          f"use mesh.expert=1 for a dense model")
+      if moe.num_experts % X:
+        raise ConfigError(f"model.moe.num_experts={moe.num_experts} must be divisible by "
+                          f"mesh.expert={X} (each expert device holds E/{X} experts)")
+      if B % (D * X):
+        raise ConfigError(f"train.batch_size={B} must be divisible by mesh.data * mesh.expert "
+                          f"= {D * X} (each device routes its own share of the batch)")
     if self.algorithm == "dp" and self.eval.params != "outer":
       raise ConfigError(f"eval.params must be 'outer' for algorithm='dp' (it has no worker "
                         f"copies), got {self.eval.params!r}")
@@ -405,11 +458,21 @@ class RunConfig:
       raise ConfigError(f"model.vocab_size={self.model.vocab_size} is smaller than the data's "
                         f"vocabulary ({self.data.vocab}); use 0 to take the data's")
     params = abstract_params(self.model)
-    if streaming:   # partition and schedule, on the model's shapes only
+    if d.router_sync_every:
+      if self.algorithm == "dp" or self.model.moe is None:
+        raise ConfigError(f"diloco.router_sync_every={d.router_sync_every} needs an MoE model "
+                          f"(model.moe.num_experts >= 1) trained with algorithm='diloco' or "
+                          f"'streaming'; use 0")
+      if d.inner_steps % d.router_sync_every or max(d.taus) >= d.router_sync_every:
+        raise ConfigError(f"diloco.router_sync_every={d.router_sync_every} must divide "
+                          f"diloco.inner_steps (H={d.inner_steps}) and exceed "
+                          f"diloco.overlap_steps (τ={max(d.taus)})")
+    if streaming or d.router_sync_every:   # partition and schedule, on the model's shapes only
       make_fragments(self, params)
     # Every sharding divides the model, and no quantization block straddles two devices: on
     # the mesh's axis sizes alone, before any device exists.
-    mesh = mesh_lib.abstract_mesh(d.num_workers, self.mesh.data, self.mesh.model)
+    mesh = mesh_lib.abstract_mesh(d.num_workers, self.mesh.data, self.mesh.model,
+                                  expert=self.mesh.expert)
     specs = param_specs(mesh, params)
     if self.algorithm != "dp":
       try:

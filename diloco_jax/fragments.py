@@ -192,6 +192,27 @@ def single(params: PyTree) -> Fragments:
   return Fragments(num_fragments=1, leaf_fragment=(0,) * n, names=("all",))
 
 
+def split_out(frags: Fragments, params: PyTree, name: str,
+              predicate: Callable[[KeyPath, Any], bool]) -> Fragments:
+  """`frags` with the leaves for which predicate(key_path, leaf) holds moved into one more
+  fragment, the last, called `name` (e.g. every MoE router, synced on its own period). Raises
+  ValueError naming `name` when no leaf matches or a fragment would be left empty."""
+  path_leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+  if len(path_leaves) != len(frags.leaf_fragment):
+    raise ValueError(f"the tree has {len(path_leaves)} leaves but the fragments were built for "
+                     f"{len(frags.leaf_fragment)}: use a tree with the params' structure")
+  moved = [bool(predicate(path, leaf)) for path, leaf in path_leaves]
+  if not any(moved):
+    raise ValueError(f"no parameter belongs in the {name!r} fragment")
+  P = frags.num_fragments
+  ids = [P if m else f for f, m in zip(frags.leaf_fragment, moved)]
+  empty = sorted(set(range(P)) - set(ids))
+  if empty:
+    raise ValueError(f"moving the {name!r} leaves out would leave fragment(s) "
+                     f"{[frags.names[p] for p in empty]} empty")
+  return Fragments(num_fragments=P + 1, leaf_fragment=tuple(ids), names=(*frags.names, name))
+
+
 def _check_ids(ids: Sequence[int], P: int) -> None:
   bad = sorted({i for i in ids if not 0 <= i < P})
   if bad:
@@ -251,15 +272,22 @@ class Schedule:
   sync comes after a full H steps. It is *received* (outer step and merge) τ steps later, after
   inner step t + τ. With H=100, P=2: fragment 0 syncs at 100, 200, …; fragment 1 at 150, 250, …
 
+  A fragment may have its own period instead of H (`every`, e.g. the MoE routers synced every
+  k steps, k dividing H): it is sent at k, 2k, … (offset 0) and takes no part in the staggering,
+  so the other P' fragments have offsets j·⌊H/P'⌋ in their order. Then two fragments may be sent
+  at the same step.
+
   Attributes:
     H: inner steps between two syncs of the same fragment (`diloco.inner_steps`).
     P: number of fragments.
     tau: overlap steps τ between a send and its receive (`diloco.overlap_steps`), 0 <= τ < H.
+    every: () or one period per fragment (0: H, the staggered default).
   """
 
   H: int
   P: int
   tau: int = 0
+  every: tuple[int, ...] = ()
 
   def __post_init__(self):
     for name, value in (("H", self.H), ("P", self.P), ("tau", self.tau)):
@@ -267,32 +295,51 @@ class Schedule:
         raise ValueError(f"Schedule.{name} must be an integer, got {value!r}")
     if self.P < 1:
       raise ValueError(f"the number of fragments (P={self.P}) must be at least 1")
-    if self.H < self.P:
+    object.__setattr__(self, "every", tuple(int(k) for k in self.every))
+    if self.every and len(self.every) != self.P:
+      raise ValueError(f"Schedule.every must give one period per fragment (P={self.P}), got "
+                       f"{self.every!r}")
+    staggered = len(self._staggered())
+    if self.H < staggered:
       raise ValueError(f"diloco.inner_steps (H={self.H}) must be at least the number of "
-                       f"fragments (P={self.P})")
+                       f"fragments (P={staggered})")
     if not 0 <= self.tau < self.H:
       raise ValueError(f"diloco.overlap_steps (tau={self.tau}) must satisfy "
                        f"0 <= tau < diloco.inner_steps (H={self.H})")
+    for k in self.every:
+      if k and (k < 1 or self.H % k or self.tau >= k):
+        raise ValueError(f"a fragment's own sync period ({k}) must divide diloco.inner_steps "
+                         f"(H={self.H}) and exceed diloco.overlap_steps (tau={self.tau})")
+
+  def _staggered(self) -> tuple[int, ...]:
+    """The fragments on the H period, in order (all of them unless `every` says otherwise)."""
+    return tuple(p for p in range(self.P) if not (self.every and self.every[p]))
 
   def period(self) -> int:
-    """⌊H/P⌋: the spacing of the offsets; some fragment syncs every this many steps."""
-    return self.H // self.P
+    """⌊H/P'⌋ (P' the staggered fragments): the spacing of the offsets."""
+    return self.H // max(len(self._staggered()), 1)
+
+  def sync_every(self, p: int) -> int:
+    """Inner steps between two syncs of fragment p: H, or its own period."""
+    return (self.every and self.every[p]) or self.H
 
   def offset(self, p: int) -> int:
-    """t_p = p·⌊H/P⌋."""
+    """t_p = j·⌊H/P'⌋ for the j-th staggered fragment; 0 for one with its own period."""
     if not 0 <= p < self.P:
       raise ValueError(f"fragment id {p} is out of range 0..{self.P - 1}")
-    return p * self.period()
+    staggered = self._staggered()
+    return staggered.index(p) * self.period() if p in staggered else 0
 
   def sends(self, t: int) -> tuple[int, ...]:
-    """Fragments whose outer gradient is sent after inner step t: t − t_p ∈ {H, 2H, …}.
+    """Fragments whose outer gradient is sent after inner step t: t − t_p ∈ {K, 2K, …}, K the
+    fragment's period (H unless `every` says otherwise).
 
-    The offsets are distinct and below H, so at most one fragment is sent per step.
+    The staggered offsets are distinct and below H, so at most one of those is sent per step.
     """
     out = []
     for p in range(self.P):
-      d = t - self.offset(p)
-      if d >= self.H and d % self.H == 0:
+      d, K = t - self.offset(p), self.sync_every(p)
+      if d >= K and d % K == 0:
         out.append(p)
     return tuple(out)
 
@@ -303,14 +350,15 @@ class Schedule:
   def in_flight(self, t: int) -> tuple[int, ...]:
     """Fragments sent at some s <= t and not yet received after step t (i.e. s > t − τ).
 
-    Ordered by send step, oldest first (the order they will be received). Because τ < H a
-    fragment has at most one sync in flight; with τ >= ⌊H/P⌋ several fragments may be in flight.
+    Ordered by send step, oldest first (the order they will be received). Because τ is below
+    every period a fragment has at most one sync in flight; with τ >= ⌊H/P⌋ several fragments
+    may be in flight.
     """
     sent = []
     for p in range(self.P):
-      d = t - self.offset(p)
-      if d >= self.H:
-        last_send = t - d % self.H
+      d, K = t - self.offset(p), self.sync_every(p)
+      if d >= K:
+        last_send = t - d % K
         if last_send > t - self.tau:
           sent.append((last_send, p))
     return tuple(p for _, p in sorted(sent))

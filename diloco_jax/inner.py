@@ -47,10 +47,12 @@ def inner_optimizer(
 
 def worker_step(loss_fn: LossFn, opt: optax.GradientTransformation, params: PyTree,
                 opt_state: PyTree, batch: jax.Array):
-  """One inner step of one worker. Returns (params, opt_state, loss, grads)."""
-  (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch)
+  """One inner step of one worker. Returns (params, opt_state, loss, aux): aux is the loss
+  function's own dict (its loss terms and statistics, e.g. the MoE's router metrics), carried
+  out to the metrics."""
+  (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch)
   updates, opt_state = opt.update(grads, opt_state, params)
-  return optax.apply_updates(params, updates), opt_state, loss, grads
+  return optax.apply_updates(params, updates), opt_state, loss, aux
 
 
 def global_norm(tree: PyTree) -> jax.Array:

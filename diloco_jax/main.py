@@ -53,7 +53,8 @@ def main(argv):
   devices = build.cpu_devices_for(rc)
   if devices % num_processes:
     print(f"config error: the {devices} simulated CPU devices (mesh.num_cpu_devices, or "
-          f"M * mesh.data * mesh.model) must split evenly over {num_processes} processes",
+          f"M * mesh.data * mesh.expert * mesh.model) must split evenly over {num_processes} "
+          f"processes",
           file=sys.stderr)
     return 2
   distributed.initialize(group, heartbeat_timeout_s=_HEARTBEAT.value)

@@ -71,13 +71,15 @@ class Progress:
     self.t0 = time.perf_counter()
     self.stream = stream
 
-  def line(self, step: int, loss: float, tokens_per_s: float, eval_loss: float | None = None):
+  def line(self, step: int, loss: float, tokens_per_s: float, eval_loss: float | None = None,
+           extras: dict | None = None):
     elapsed = time.perf_counter() - self.t0
     done = max(step - self.start_step, 1)
     eta = elapsed / done * (self.total - step)
     parts = [f"step {step}/{self.total}", f"loss {loss:.4f}"]
     if eval_loss is not None:
       parts.append(f"eval {eval_loss:.4f}")
+    parts += [f"{k} {v}" for k, v in (extras or {}).items()]
     parts += [f"{tokens_per_s / 1e3:.1f}k tok/s", f"ETA {_hms(eta)}"]
     print(self.prefix + " | ".join(parts), file=self.stream, flush=True)
 

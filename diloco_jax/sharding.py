@@ -19,6 +19,8 @@ really split something. A dimension that its mesh axis does not divide is a conf
 
 from __future__ import annotations
 
+import math
+
 from typing import Any, Sequence
 
 import jax
@@ -43,8 +45,10 @@ PARAM_RULES: dict[str, str | None] = {
 
 # Logical activation axis -> mesh axis. `embed` is not here: activations keep the model
 # dimension whole (FSDP gathers weights, not activations).
-ACTIVATION_RULES: dict[str, str | None] = {
-    "batch": mesh_lib.DATA,
+ACTIVATION_RULES: dict[str, str | tuple | None] = {
+    # The expert axis also splits the batch: outside the MoE's experts its devices are data
+    # parallel (GShard), and each routes its own tokens.
+    "batch": (mesh_lib.DATA, mesh_lib.EXPERT),
     "heads": mesh_lib.MODEL,
     "mlp": mesh_lib.MODEL,
     "vocab": mesh_lib.MODEL,
@@ -134,15 +138,31 @@ def local_shape(shape: Sequence[int], spec: P, mesh: Mesh) -> tuple[int, ...]:
   return tuple(out)
 
 
-def activation_constraint(mesh: Mesh, rules: dict = ACTIVATION_RULES):
-  """The `constrain(x, names)` hook for `model.apply` on this mesh: a sharding constraint from
-  the activation rules (under the algorithm's vmap over workers, the worker axis is prepended
-  by `spmd_axis_name`). A dimension its axis does not divide is left unconstrained."""
-  def constrain_activation(x: jax.Array, names: tuple) -> jax.Array:
-    out = []
+class ActivationSharding:
+  """The `constrain(x, names)` hook for `model.apply` on a mesh: a sharding constraint from the
+  activation rules (under the algorithm's vmap over workers, the worker axis is prepended by
+  `spmd_axis_name`). A dimension its axes do not divide is left unconstrained; axes of size 1
+  are dropped. `mesh` is what layers that place work themselves (the MoE's expert parallelism)
+  read."""
+
+  def __init__(self, mesh: Mesh, rules: dict = ACTIVATION_RULES):
+    self.mesh, self.rules = mesh, rules
+
+  def __call__(self, x: jax.Array, names: tuple) -> jax.Array:
+    out, used = [], set()
     for size, name in zip(x.shape, names):
-      axis = rules.get(name) if name is not None else None
-      n = mesh_lib.axis_size(mesh, axis) if axis is not None else 1
-      out.append(axis if n > 1 and size % n == 0 and axis not in out else None)
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(*out)))
-  return constrain_activation
+      axes = self.rules.get(name) if name is not None else None
+      axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+      axes = tuple(a for a in axes if mesh_lib.axis_size(self.mesh, a) > 1 and a not in used)
+      n = math.prod(mesh_lib.axis_size(self.mesh, a) for a in axes)
+      if not axes or size % n:
+        out.append(None)
+        continue
+      used.update(axes)
+      out.append(axes[0] if len(axes) == 1 else axes)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, P(*out)))
+
+
+def activation_constraint(mesh: Mesh, rules: dict = ACTIVATION_RULES) -> ActivationSharding:
+  """The `constrain` hook of `model.apply` / `model.loss_fn` for this mesh."""
+  return ActivationSharding(mesh, rules)

@@ -22,15 +22,35 @@ from diloco_jax import config as config_lib
 from diloco_jax import mesh as mesh_lib
 from diloco_jax import metrics as metrics_lib
 from diloco_jax import model as model_lib
+from diloco_jax.model import moe as moe_lib
 from diloco_jax.config import ConfigError, RunConfig  # noqa: F401  (the trainer's error type)
 
 
 @functools.lru_cache(maxsize=None)
 def _eval_fn(model_cfg: model_lib.ModelConfig):
   def mean_loss(params, batches_NxBxL):
-    losses = jax.lax.map(lambda b: model_lib.loss_fn(model_cfg, params, b)[1]["ce"], batches_NxBxL)
+    losses = jax.lax.map(lambda b: model_lib.loss_fn(model_cfg, params, b, train=False)[1]["ce"],
+                         batches_NxBxL)
     return jnp.mean(losses)
   return jax.jit(mean_loss)
+
+
+@functools.lru_cache(maxsize=None)
+def _router_fn(model_cfg: model_lib.ModelConfig):
+  """(workers' params [M, ...], tokens [B, L]) -> the routers' agreement (`moe.router_agreement`)
+  as sync diagnostics, per MoE block ("router/b{i}/…") and averaged ("router/…")."""
+  blocks = model_cfg.moe_blocks
+
+  def agreement(local_params, tokens_BxL):
+    choices = jax.vmap(lambda p: model_lib.apply(model_cfg, p, tokens_BxL, train=False)[1])(
+        local_params)["moe"]["experts"]   # [M, N, B, L, k]
+    M, N = choices.shape[:2]
+    routers = jnp.stack([local_params["blocks"][i]["mlp"]["router"] for i in blocks], axis=1)
+    a = moe_lib.router_agreement(choices.reshape(M, N, -1, choices.shape[-1]), routers)
+    out = {f"router/{k}": jnp.mean(v) for k, v in a.items()}
+    out.update({f"router/b{i}/{k}": v[n] for k, v in a.items() for n, i in enumerate(blocks)})
+    return out
+  return jax.jit(agreement)
 
 
 @functools.lru_cache(maxsize=None)
@@ -41,12 +61,29 @@ def _replicator(mesh):
 def _fetch(values: dict, mesh) -> dict:
   """Device metrics -> floats (the one place the loop reads device values). Per-worker values
   spread over processes are first gathered onto every device (one small program)."""
-  if any(not v.is_fully_addressable for v in values.values() if isinstance(v, jax.Array)):
+  leaves = jax.tree.leaves(values)   # the loss's aux is a nested dict
+  if any(not v.is_fully_addressable for v in leaves if isinstance(v, jax.Array)):
     values = _replicator(mesh)(values)
   out = {}
   for k, v in jax.device_get(values).items():
-    out[k] = float(np.mean(v))   # per-worker values [M] -> their mean (also for M = 1)
+    out.update(_scalars(k, v))
   return out
+
+
+def _scalars(key: str, v) -> dict:
+  """One metric -> scalar rows. A per-worker value [M] (or a sync diagnostic []) becomes its
+  mean over workers; a wider one [M, n, ...] (e.g. an expert-load histogram) is averaged over
+  workers and gives one row per entry, "key/i[/j...]"; a dict (the loss's aux) is flattened."""
+  if isinstance(v, dict):
+    out = {}
+    for k, x in v.items():
+      out.update(_scalars(k, x))
+    return out
+  v = np.asarray(v)
+  if v.ndim <= 1:
+    return {key: float(np.mean(v))}   # per-worker values [M] -> their mean (also for M = 1)
+  mean = np.mean(v, axis=0)
+  return {f"{key}/{'/'.join(map(str, i))}": float(mean[i]) for i in np.ndindex(mean.shape)}
 
 
 # ------------------------------------------------------------------------------------- run
@@ -63,12 +100,14 @@ def run(config: ml_collections.ConfigDict, workdir: str, stop_after: int | None 
   saved so far are kept, no summary is written, and running again resumes.
   """
   rc = config_lib.from_config_dict(config)   # every config error, before anything compiles
+  _, active_params = model_lib.param_counts(rc.model)
   M, T, B, L = rc.diloco.num_workers, rc.train.num_steps, rc.train.batch_size, rc.data.seq_len
   source = build.make_source(rc)
   eval_source = build.make_source(rc, "eval") if rc.data.source == "text" else source
   devices = jax.devices()
-  if len(devices) < rc.mesh.data * rc.mesh.model:
-    raise ConfigError(f"mesh.data * mesh.model = {rc.mesh.data * rc.mesh.model} exceeds the "
+  per_worker = rc.mesh.data * rc.mesh.expert * rc.mesh.model
+  if len(devices) < per_worker:
+    raise ConfigError(f"mesh.data * mesh.expert * mesh.model = {per_worker} exceeds the "
                       f"{len(devices)} available devices")
   key = jax.random.PRNGKey(rc.seed)
   init_key, algo_key = jax.random.split(key)
@@ -81,6 +120,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, stop_after: int | None 
   algo = build.make_algorithm(rc, mesh, params)
   state = algo.init(params, algo_key)
   numel = sum(x.size for x in jax.tree.leaves(params))
+  # MoE under DiLoCo: the workers' routers compared on the same held-out tokens at the steps
+  # whose sync carries a router (measured on the parameters just before that step).
+  router_frags = set()
+  if rc.model.moe is not None and rc.algorithm != "dp":
+    router_frags = {algo.fragments.leaf_fragment[i] for i, (path, leaf) in enumerate(
+        jax.tree_util.tree_flatten_with_path(params)[0]) if config_lib.is_router(path, leaf)}
   del params
 
   batch_sharding = mesh_lib.batch_sharding(mesh)
@@ -94,6 +139,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, stop_after: int | None 
       mesh_lib.replicated(mesh), np.stack([next(eval_it)[0]
                                            for _ in range(rc.eval.num_batches)]))
   evaluate = _eval_fn(rc.model)
+  router_tokens = eval_set[0, :, :-1]
   floor = data.entropy_floor(source)
 
   os.makedirs(workdir, exist_ok=True)
@@ -137,7 +183,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, stop_after: int | None 
     if writer is not None:
       writer.write(step, row)
     if progress is not None:
-      progress.line(step, row["train_loss"], tps, row.get("eval_loss"))
+      progress.line(step, row["train_loss"], tps, row.get("eval_loss"), _console_extras(row))
     return {"step": step, **row}
 
   last_row, latest_sync = None, dict(restored_sync)
@@ -145,11 +191,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, stop_after: int | None 
     # This process's rows only; the global [M, B, L+1] array is assembled from every process's.
     batch = jax.make_array_from_process_local_data(
         batch_sharding, next(train_it)[:, my_rows], batch_shape)
+    if router_frags and router_frags.intersection(algo.schedule.sends(t)):
+      latest_sync.update(_router_fn(rc.model)(state.local_params, router_tokens))
     state, m = algo.step(state, batch, t)
     bits += algo.bits_sent(t)
     # Sync diagnostics come from the steps that send; keep the latest per fragment (still on
     # device) so that every logged row carries them.
-    latest_sync.update((k, v) for k, v in m.items() if k != "loss")
+    latest_sync.update((k, v) for k, v in m.items() if k not in ("loss", "aux"))
     if pending is not None:   # the previous logged step's values are ready by now
       last_row = flush(pending)
       pending = None
@@ -201,6 +249,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, stop_after: int | None 
       "wall_time_s": wall, "steps_this_run": steps_run,
       "tokens_per_s": tokens_per_step * steps_run / wall if steps_run else 0.0,
       "num_params": numel,
+      "active_params": active_params,
+      "active_flops_per_token": model_lib.flops_per_token(rc.model, L),
   }
   ckpt.close()
   train_it.close()
@@ -212,9 +262,21 @@ def run(config: ml_collections.ConfigDict, workdir: str, stop_after: int | None 
   return summary
 
 
+def _console_extras(row: dict) -> dict:
+  """The MoE's headline numbers for the progress line (empty for a dense model)."""
+  if "moe/load_balance_loss" not in row:
+    return {}
+  return {"lb": f"{row['moe/load_balance_loss']:.3f}",
+          "H(load)": f"{row['moe/load_entropy']:.2f}",
+          "drop": f"{100 * row['moe/dropped_fraction']:.1f}%"}
+
+
 def format_summary(s: dict) -> str:
+  active = s.get("active_params", s["num_params"])
+  sparse = f", {active:,} active" if active != s["num_params"] else ""
   lines = [f"{s['algorithm']}: M={s['num_workers']} H={s['inner_steps']} T={s['num_steps']} "
-           f"({s['num_params']:,} params)",
+           f"({s['num_params']:,} params{sparse}, "
+           f"{s.get('active_flops_per_token', 0) / 1e6:.2f} MFLOP/token)",
            f"  final eval loss   {s['final_eval_loss']:.4f}"]
   if s["entropy_floor"] is not None:
     lines.append(f"  entropy floor     {s['entropy_floor']:.4f}  (gap {s['gap_to_floor']:.4f} nats)")

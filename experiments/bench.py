@@ -197,7 +197,7 @@ class Runner:
         loss = metrics["loss"]
       else:
         s = self.state
-        step, local, inner_state, loss = a._inner_step(s.step, s.local_params, s.inner_opt_state,
+        step, local, inner_state, loss, _ = a._inner_step(s.step, s.local_params, s.inner_opt_state,
                                                        batch)
         self.state = s.replace(step=step, local_params=local, inner_opt_state=inner_state)
       self._bound.push(loss)

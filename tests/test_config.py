@@ -112,11 +112,11 @@ def test_an_unknown_key_is_named_with_the_allowed_keys():
       "unknown key diloco.foo; allowed: codec, codec_block_size, error_feedback, "
       "fragment_pattern, inner_steps, layers_per_fragment, merge_alpha, num_workers, "
       "offload_outer, outer_lr, outer_momentum, outer_optimizer, overlap_steps, "
-      "stochastic_rounding, wire, worker_overlap_steps") + "$"):
+      "router_sync_every, stochastic_rounding, wire, worker_overlap_steps") + "$"):
     _build(**{"diloco.foo": 1})
   with pytest.raises(ConfigError, match=re.escape(
-      "unknown key mesh.expert; allowed: data, model, num_cpu_devices") + "$"):
-    _build(**{"mesh.expert": 2})
+      "unknown key mesh.context; allowed: data, expert, model, num_cpu_devices") + "$"):
+    _build(**{"mesh.context": 2})
   with pytest.raises(ConfigError, match=re.escape(
       "unknown keys eval.a, eval.b; allowed: batch_size, every_steps, num_batches, params") + "$"):
     _build(**{"eval.b": 1, "eval.a": 1})
@@ -168,12 +168,12 @@ def test_a_field_added_to_a_section_reaches_the_built_object(monkeypatch):
   """The construction is Section(**c.section): a new dataclass field is a new config key."""
 
   @dataclasses.dataclass(frozen=True, kw_only=True)
-  class MeshWithExpert(MeshConfig):
-    expert: int = 1
+  class MeshWithContext(MeshConfig):
+    context: int = 1
 
-  monkeypatch.setitem(config_lib.SECTIONS, "mesh", MeshWithExpert)
-  assert _build(**{"mesh.expert": 4}).mesh == MeshWithExpert(expert=4)
-  assert _build().mesh.expert == 1
+  monkeypatch.setitem(config_lib.SECTIONS, "mesh", MeshWithContext)
+  assert _build(**{"mesh.context": 4}).mesh == MeshWithContext(context=4)
+  assert _build().mesh.context == 1
 
 
 # ---------------------------------------------------------------------------- bad values

@@ -235,7 +235,7 @@ def params(run):
 
 # The slow obvious reference: one unpadded forward pass per sequence (jitted per length only to
 # keep the suite fast; most sequences below have length L, so it compiles twice).
-_apply_one = jax.jit(model_lib.apply, static_argnums=0)
+_apply_one = jax.jit(lambda cfg, p, t: model_lib.apply(cfg, p, t)[0], static_argnums=0)
 
 
 def _reference_logprob(cfg, params, context, choice, max_len):

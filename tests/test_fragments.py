@@ -222,3 +222,39 @@ def test_errors():
     fragments.from_fn(params, lambda path, leaf: 2 * int(leaf.ndim == 1))
   with pytest.raises(ValueError, match="must return an int"):
     fragments.from_fn(params, lambda path, leaf: "a")
+
+
+# ---- a fragment on its own period (the MoE routers) -----------------------------------------
+def test_schedule_with_a_fragment_on_its_own_period():
+  # Three staggered fragments (H=30: offsets 0, 10, 20) and a router fragment every 10 steps.
+  s = fragments.Schedule(H=30, P=4, tau=1, every=(0, 0, 0, 10))
+  assert [s.offset(p) for p in range(4)] == [0, 10, 20, 0]
+  assert [s.sync_every(p) for p in range(4)] == [30, 30, 30, 10]
+  sent = {t: s.sends(t) for t in range(1, 61) if s.sends(t)}
+  assert sent == {10: (3,), 20: (3,), 30: (0, 3), 40: (1, 3), 50: (2, 3), 60: (0, 3)}
+  assert s.receives(31) == (0, 3) and s.in_flight(30) == (0, 3)
+  with pytest.raises(ValueError, match=r"sync period \(7\) must divide diloco.inner_steps"):
+    fragments.Schedule(H=30, P=2, every=(0, 7))
+  with pytest.raises(ValueError, match=r"exceed diloco.overlap_steps \(tau=5\)"):
+    fragments.Schedule(H=30, P=2, tau=5, every=(0, 5))
+
+
+def test_split_out_moves_the_routers_into_their_own_fragment():
+  moe = lambda: {"router": np.zeros((4, 2)), "experts_up": np.zeros((2, 4, 8))}
+  params = {"blocks": {0: {"attn": np.zeros(3), "mlp": moe()},
+                       1: {"attn": np.zeros(3), "mlp": moe()}}, "embed": np.zeros(5)}
+  by_block = fragments.by_blocks(params, layers_per_fragment=1)
+  is_router = lambda path, leaf: path[-1].key == "router"
+  # by_blocks keeps each block's router with its experts (the same fragment).
+  leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+  ids = dict(zip((jax.tree_util.keystr(p) for p, _ in leaves), by_block.leaf_fragment))
+  assert ids["['blocks'][0]['mlp']['router']"] == ids["['blocks'][0]['mlp']['experts_up']"] == 0
+  f = fragments.split_out(by_block, params, "router", is_router)
+  assert f.names == ("blocks[0]", "blocks[1]", "non-block", "router")
+  ids = dict(zip((jax.tree_util.keystr(p) for p, _ in leaves), f.leaf_fragment))
+  assert ids["['blocks'][0]['mlp']['router']"] == ids["['blocks'][1]['mlp']['router']"] == 3
+  assert ids["['blocks'][1]['mlp']['experts_up']"] == 1
+  with pytest.raises(ValueError, match="no parameter belongs in the 'gate' fragment"):
+    fragments.split_out(by_block, params, "gate", lambda path, leaf: False)
+  with pytest.raises(ValueError, match=r"would leave fragment\(s\) \['non-block'\] empty"):
+    fragments.split_out(by_block, params, "embed", lambda path, leaf: path[0].key == "embed")

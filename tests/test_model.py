@@ -37,7 +37,7 @@ def batch():
 
 @functools.cache
 def jitted_apply(cfg):
-  return jax.jit(functools.partial(model.apply, cfg))
+  return jax.jit(lambda p, t: model.apply(cfg, p, t)[0])
 
 
 # --- parameter counts -------------------------------------------------------------------------
@@ -97,9 +97,10 @@ def test_params_layout(params):
 def test_apply_matches_module(params, batch):
   from flax import nnx
   module = model.Transformer(TINY, rngs=nnx.Rngs(params=jax.random.key(0)))
-  logits = model.apply(TINY, params, batch[:, :-1])
+  logits, aux = model.apply(TINY, params, batch[:, :-1])
   assert logits.shape == (2, SEQ, TINY.vocab_size) and logits.dtype == jnp.float32
-  np.testing.assert_array_equal(module(batch[:, :-1]), logits)
+  assert aux == {}   # a dense model has no auxiliaries
+  np.testing.assert_array_equal(module(batch[:, :-1])[0], logits)
 
 
 # --- causality and positions ------------------------------------------------------------------
@@ -140,11 +141,11 @@ def test_model_uses_order_of_earlier_tokens(monkeypatch):
   p = model.init_params(cfg, jax.random.key(4))
   tokens = jnp.arange(3, 3 + SEQ, dtype=jnp.int32)[None]
   swapped = tokens.at[0, 1].set(tokens[0, 4]).at[0, 4].set(tokens[0, 1])
-  a, b = model.apply(cfg, p, tokens)[0, -1], model.apply(cfg, p, swapped)[0, -1]
+  a, b = model.apply(cfg, p, tokens)[0][0, -1], model.apply(cfg, p, swapped)[0][0, -1]
   assert float(jnp.abs(a - b).max()) > 1e-3
   # Check of the argument itself: with RoPE replaced by the identity the swap is invisible.
   monkeypatch.setattr(model.attention, "_rope", lambda x, base: x)
-  a0, b0 = model.apply(cfg, p, tokens)[0, -1], model.apply(cfg, p, swapped)[0, -1]
+  a0, b0 = model.apply(cfg, p, tokens)[0][0, -1], model.apply(cfg, p, swapped)[0][0, -1]
   np.testing.assert_allclose(a0, b0, atol=1e-5)
 
 
@@ -155,7 +156,7 @@ def test_loss_at_init(params, batch):
   loss, aux = model.loss_fn(TINY, params, batch)
   assert loss.dtype == aux["ce"].dtype == aux["z_loss"].dtype == jnp.float32
   assert abs(float(aux["ce"]) - math.log(TINY.vocab_size)) < 0.5
-  logits = np.asarray(model.apply(TINY, params, batch[:, :-1]), np.float64)
+  logits = np.asarray(model.apply(TINY, params, batch[:, :-1])[0], np.float64)
   mx = logits.max(-1, keepdims=True)
   lse = (mx + np.log(np.exp(logits - mx).sum(-1, keepdims=True)))[..., 0]
   targets = np.asarray(batch[:, 1:])
@@ -169,9 +170,9 @@ def test_loss_at_init(params, batch):
 
 def test_bfloat16_compute(params, batch):
   cfg = model.config_from_preset("tiny", dtype="bfloat16")
-  logits = model.apply(cfg, params, batch[:, :-1])
+  logits = model.apply(cfg, params, batch[:, :-1])[0]
   assert logits.dtype == jnp.float32
-  np.testing.assert_allclose(logits, model.apply(TINY, params, batch[:, :-1]), atol=0.1)
+  np.testing.assert_allclose(logits, model.apply(TINY, params, batch[:, :-1])[0], atol=0.1)
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(model.init_params(cfg, jax.random.key(0))))
 
 

@@ -175,3 +175,134 @@ def test_expert_weights_shard_over_the_expert_axis_by_the_rule_table():
   with pytest.raises(ValueError, match=r"experts=4 \(model.moe.num_experts\), which "
                      r"mesh.expert=3 does not divide"):
     sharding.param_specs(mesh_lib.abstract_mesh(2, expert=3), params, logical_axes(params))
+
+
+def test_the_capacity_layer_equals_the_one_hot_dispatch_and_combine_with_drops():
+  """The layer scatters/gathers; GShard's one-hot [T, E, C] einsums are the readable form of
+  the same routing (at factor 1.0 some assignments are dropped)."""
+  layer = _layer(num_experts=4, top_k=2, capacity_factor=1.0, router_init_scale=1.0)
+  x = _x()
+  state, fn = _pure(layer)
+  graphdef, _ = nnx.split(layer)
+
+  def one_hot(state, x_BxLxD):
+    m = nnx.merge(graphdef, state)
+    x_TxD = x_BxLxD.reshape(T, D)
+    w, e, _ = moe_lib.route(x_TxD @ m.router[...], 2)
+    dispatch, combine, _ = moe_lib.capacity_masks(w, e, 4, moe_lib.capacity(T, 4, 2, 1.0))
+    h = jnp.einsum("tec,td->ecd", dispatch, x_TxD)
+    out = (jax.nn.silu(h @ m.experts_gate[...]) * (h @ m.experts_up[...])) @ m.experts_down[...]
+    return jnp.einsum("tec,ecd->td", combine, out).reshape(B, L, D)
+
+  y, aux = jax.jit(fn)(state, x)
+  assert 0 < float(aux["dropped_fraction"]) < 1   # the comparison includes drops
+  np.testing.assert_allclose(y, jax.jit(one_hot)(state, x), rtol=1e-5, atol=1e-6)
+  cot = jax.random.normal(jax.random.key(4), y.shape)
+  g = lambda f: jax.jit(jax.grad(lambda s, x: jnp.sum(f(s, x) * cot), argnums=(0, 1)))(state, x)
+  for a, b in zip(jax.tree.leaves(g(lambda s, x: fn(s, x)[0])), jax.tree.leaves(g(one_hot)),
+                  strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_megablox_in_interpret_mode_equals_ragged_dot_forward_and_gradient():
+  x = jax.random.normal(jax.random.key(5), (40, 16), jnp.float32)
+  w = jax.random.normal(jax.random.key(6), (3, 16, 8), jnp.float32)
+  sizes = jnp.array([12, 0, 20], jnp.int32)   # an empty group; rows 32..39 in no group
+  f = lambda impl: lambda x, w: moe_lib.grouped_matmul(x, w, sizes, impl)
+  ref, got = f("ragged_dot")(x, w), f("megablox_interpret")(x, w)
+  np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(ref[32:], 0.0)
+  cot = jax.random.normal(jax.random.key(7), ref.shape)
+  grads = lambda impl: jax.grad(lambda x, w: jnp.sum(f(impl)(x, w) * cot), argnums=(0, 1))(x, w)
+  for a, b in zip(grads("megablox_interpret"), grads("ragged_dot"), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_an_expert_that_gets_no_tokens_gets_exactly_zero_gradient_and_no_adam_step():
+  """What DiLoCo sees on a worker whose batches never reach expert e: its local update is zero
+  (AdamW without weight decay, from a fresh state), so its Δ on that worker is zero and the
+  plain mean over workers shrinks that expert's outer gradient by the workers that did route
+  to it (docs/design.md, "MoE under DiLoCo")."""
+  import optax
+  E = 4
+  layer = _layer(num_experts=E, top_k=1, capacity_factor=4.0)
+  layer.router[...] = jnp.zeros((D, E)).at[:, 0].set(1.0).at[:, 1].set(0.5)
+  x = jnp.abs(_x())   # logits Σx > Σx/2 > 0 = 0: every token picks expert 0
+  state, fn = _pure(layer)
+  grads = jax.grad(lambda s: jnp.sum(fn(s, x)[0] ** 2))(state)
+  for name in ("experts_gate", "experts_up", "experts_down"):
+    g = np.asarray(grads[name][...])
+    assert np.abs(g[0]).max() > 0
+    np.testing.assert_array_equal(g[1:], 0.0)
+  params = nnx.to_pure_dict(state)
+  opt = optax.adamw(1e-2, weight_decay=0.0)
+  updates, _ = opt.update(nnx.to_pure_dict(grads), opt.init(params), params)
+  np.testing.assert_array_equal(np.asarray(updates["experts_up"])[1:], 0.0)
+
+
+def test_router_agreement_on_a_hand_made_example():
+  # Two workers, one MoE block, three tokens with top-2 sets: {0,1}/{0,1}, {2,3}/{3,2},
+  # {0,1}/{2,3}: overlaps 1, 1, 0 -> 2/3.
+  a = jnp.array([[[[0, 1], [2, 3], [0, 1]]], [[[0, 1], [3, 2], [2, 3]]]], jnp.int32)
+  w = jnp.stack([jnp.ones((1, 2, 2)), jnp.ones((1, 2, 2)) * 3.0])   # norms 2 and 6, diff 4
+  out = moe_lib.router_agreement(a, w)
+  np.testing.assert_allclose(out["topk_overlap"], [2 / 3], rtol=1e-6)
+  np.testing.assert_allclose(out["distance"], [4.0 / 4.0], rtol=1e-6)
+  one = moe_lib.router_agreement(a[:1], w[:1])
+  assert float(one["topk_overlap"][0]) == 1.0 and float(one["distance"][0]) == 0.0
+
+
+# --- the MoE inside the transformer ---------------------------------------------------------
+def _moe_model(**kw):
+  from diloco_jax import model
+  moe = moe_lib.MoEConfig(num_experts=4, top_k=2, ffn_dim=16, every=2, capacity_factor=4.0)
+  return model.config_from_preset("tiny", num_layers=4, vocab_size=32, d_model=D, num_heads=2,
+                                  ffn_dim=F, moe=moe, **kw)
+
+
+def test_moe_every_second_block_counts_and_flops():
+  from diloco_jax import model
+  cfg = _moe_model()
+  assert cfg.moe_blocks == (1, 3)
+  params = model.init_params(cfg, jax.random.key(0))
+  assert set(params["blocks"][0]["mlp"]) == {"w_gate", "w_up", "w_down"}
+  assert set(params["blocks"][1]["mlp"]) == {"router", "experts_gate", "experts_up",
+                                             "experts_down"}
+  total, active = model.param_counts(cfg)
+  per_expert = 3 * D * 16
+  assert total == sum(x.size for x in jax.tree.leaves(params))
+  assert total - active == 2 * (4 - 2) * per_expert   # two MoE blocks, E - k idle experts
+  # 6 × matmul params (all but the embedding table's lookup and the norm scales; tied: the
+  # table is the output projection) + 12 · layers · L · heads · head_dim.
+  attn, dense_mlp, router = 4 * D * D, 3 * D * F, D * 4
+  matmul = 4 * attn + 2 * dense_mlp + 2 * (router + 2 * per_expert) + 32 * D
+  assert model.flops_per_token(cfg, 8) == 6 * matmul + 12 * 4 * 8 * D
+
+
+def test_moe_loss_adds_the_weighted_aux_losses_and_remat_matches_the_loop():
+  import dataclasses
+  from diloco_jax import model
+  cfg = _moe_model()
+  params = model.init_params(cfg, jax.random.key(0))
+  batch = jax.random.randint(jax.random.key(1), (2, 9), 0, 32)
+  loss, aux = jax.jit(lambda p: model.loss_fn(cfg, p, batch))(params)
+  want = (aux["ce"] + aux["z_loss"] + 0.01 * (aux["moe/b1/load_balance_loss"]
+                                              + aux["moe/b3/load_balance_loss"])
+          + 1e-3 * (aux["moe/b1/router_z_loss"] + aux["moe/b3/router_z_loss"]))
+  np.testing.assert_allclose(loss, want, rtol=1e-6)
+  assert aux["moe/b1/load"].shape == (4,) and float(jnp.sum(aux["moe/b1/load"])) == 1.0
+  np.testing.assert_allclose(aux["moe/load_entropy"],
+                             (aux["moe/b1/load_entropy"] + aux["moe/b3/load_entropy"]) / 2)
+  remat = dataclasses.replace(cfg, remat="block")
+  grad = lambda c: jax.jit(jax.value_and_grad(lambda p: model.loss_fn(c, p, batch),
+                                              has_aux=True))(params)
+  (l0, a0), g0 = grad(cfg)
+  (l1, a1), g1 = grad(remat)
+  np.testing.assert_allclose(l1, l0, rtol=1e-6)
+  for k in a0:
+    np.testing.assert_allclose(a1[k], a0[k], rtol=1e-5, atol=1e-7)
+  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  with pytest.raises(ValueError, match=r"^model.moe.every=3 must divide model.num_layers=4 "):
+    model.config_from_preset("tiny", num_layers=4, remat="block",
+                             moe=moe_lib.MoEConfig(every=3))

@@ -416,7 +416,7 @@ def test_error_feedback_adds_the_residual_to_the_next_send():
   residual = np.zeros_like(flat(state.local_params))
   for t, b in enumerate(bs, start=1):
     if t % H == 0:   # see the workers just before the sync: the inner step alone
-      step, local, inner_state, _ = algo._inner_step(state.step, state.local_params,
+      step, local, inner_state, _, _ = algo._inner_step(state.step, state.local_params,
                                                     state.inner_opt_state, b)
       workers = flat(local)
       state = state.replace(step=step, local_params=local, inner_opt_state=inner_state)

@@ -27,8 +27,9 @@ ApplyFn = Callable[[object, jax.Array], jax.Array]
 
 @functools.lru_cache(maxsize=32)
 def model_apply(cfg: model_lib.ModelConfig) -> ApplyFn:
-  """`model.apply` bound to `cfg`, one object per config (so jit's cache hits)."""
-  return functools.partial(model_lib.apply, cfg)
+  """`model.apply` bound to `cfg` in eval mode, logits only; one object per config (so jit's
+  cache hits)."""
+  return lambda params, tokens_BxL: model_lib.apply(cfg, params, tokens_BxL, train=False)[0]
 
 
 def token_losses(apply_fn: ApplyFn, params, batch_BxS: jax.Array) -> jax.Array:

@@ -22,9 +22,11 @@ Modules: `config` (ModelConfig, presets), `layers` (RMSNorm, RoPE, initialisers)
 from diloco_jax.model.config import PRESETS, REMAT, ModelConfig, config_from_preset
 from diloco_jax.model.layers import RMSNorm
 from diloco_jax.model.loss import loss_fn
-from diloco_jax.model.transformer import (LOGICAL_AXES, Block, Transformer, apply, init_params,
-                                          logical_axes, param_count)
+from diloco_jax.model.moe import MoEConfig
+from diloco_jax.model.transformer import (LOGICAL_AXES, Block, Transformer, apply,
+                                          flops_per_token, init_params, logical_axes,
+                                          param_count, param_counts)
 
 __all__ = ["PRESETS", "REMAT", "ModelConfig", "config_from_preset", "RMSNorm", "loss_fn",
-           "LOGICAL_AXES", "Block", "Transformer", "apply", "init_params", "logical_axes",
-           "param_count"]
+           "MoEConfig", "LOGICAL_AXES", "Block", "Transformer", "apply", "flops_per_token",
+           "init_params", "logical_axes", "param_count", "param_counts"]

@@ -6,6 +6,8 @@ import dataclasses
 
 import jax.numpy as jnp
 
+from diloco_jax.model.moe import MoEConfig
+
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 _MLPS = ("swiglu", "gelu")
 REMAT = ("none", "block")
@@ -28,6 +30,7 @@ class ModelConfig:
   norm_eps: float = 1e-6
   dtype: str = "float32"  # activation/compute dtype; params are always float32.
   remat: str = "none"  # "block": recompute each block's activations in the backward pass.
+  moe: MoEConfig | None = None  # a sparse MoE feed-forward in every moe.every-th block.
 
   def __post_init__(self):
     for name in ("vocab_size", "num_layers", "d_model", "num_heads", "ffn_dim"):
@@ -53,6 +56,25 @@ class ModelConfig:
                               ("rope_base", self.rope_base > 1, "> 1")):
       if not ok:
         raise ValueError(f"model.{name} must be {allowed}, got {getattr(self, name)!r}")
+    if self.moe is not None:
+      if not isinstance(self.moe, MoEConfig):
+        raise ValueError(f"model.moe must be a MoEConfig or None, got {self.moe!r}")
+      if self.moe.every > self.num_layers:
+        raise ValueError(f"model.moe.every={self.moe.every} leaves no MoE block among "
+                         f"model.num_layers={self.num_layers}; use at most {self.num_layers}")
+      if self.remat == "block" and self.num_layers % self.moe.every:
+        raise ValueError(f"model.moe.every={self.moe.every} must divide model.num_layers="
+                         f"{self.num_layers} with model.remat='block' (one scan step is a "
+                         f"period of blocks)")
+
+  @property
+  def moe_blocks(self) -> tuple[int, ...]:
+    """The blocks whose feed-forward is the MoE: every moe.every-th, counting from 1 (blocks
+    n−1, 2n−1, …, as GShard's every-other-layer), none for a dense model."""
+    if self.moe is None:
+      return ()
+    n = self.moe.every
+    return tuple(i for i in range(self.num_layers) if i % n == n - 1)
 
 
 # Paper family (SPEC §4): FFN = 4*d_model, head dim 64, vocab 32768. The paper's names match the

@@ -31,6 +31,25 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.model.dtype = "float32"        # compute dtype ("float32", "bfloat16"); params are fp32
   c.model.remat = "none"           # "none" or "block": recompute each block's activations in
                                    # the backward pass (less activation memory, more compute)
+  c.model.d_model = 0              # 0: the preset's (also num_heads, ffn_dim)
+  c.model.num_heads = 0
+  c.model.ffn_dim = 0
+  # Sparse mixture-of-experts feed-forward (SPEC §6.1; experiments/configs/moe.py sets it up).
+  c.model.moe = ml_collections.ConfigDict()
+  c.model.moe.num_experts = 0      # E; 0: a dense model (the rest of this section is unused)
+  c.model.moe.top_k = 2            # k experts per token
+  c.model.moe.ffn_dim = 0          # per-expert hidden size; 0: model.ffn_dim
+  c.model.moe.every = 1            # MoE feed-forward in every n-th block (n-1, 2n-1, ...)
+  c.model.moe.mlp = "swiglu"       # each expert: "swiglu" or "gelu"
+  c.model.moe.shared_expert = False  # plus a dense MLP every token passes through
+  c.model.moe.combine = "topk_softmax"  # or "softmax_topk" (Switch/GShard)
+  c.model.moe.dispatch = "capacity"  # "capacity" (token dropping) or "dropless" (grouped matmul)
+  c.model.moe.grouped_matmul = "ragged_dot"  # dropless: "ragged_dot" or "megablox" (TPU)
+  c.model.moe.capacity_factor = 1.25  # training; C = ceil(k T / E * factor)
+  c.model.moe.eval_capacity_factor = 2.0
+  c.model.moe.router_init_scale = 0.1  # router std = this / sqrt(d_model)
+  c.model.moe.load_balance_weight = 0.01  # Switch's balance loss, summed over MoE blocks
+  c.model.moe.router_z_weight = 1e-3  # ST-MoE's router z-loss, summed over MoE blocks
 
   c.diloco = ml_collections.ConfigDict()
   c.diloco.num_workers = 4         # M, replicas
@@ -38,6 +57,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.diloco.outer_optimizer = "nesterov"  # "nesterov", "sgd" (momentum 0, lr 1: FedAvg), "adam"
   c.diloco.outer_lr = 0.7          # η (DiLoCo 0.7; Streaming DiLoCo 0.4)
   c.diloco.outer_momentum = 0.9    # μ
+  c.diloco.router_sync_every = 0   # MoE: routers as their own fragment synced every k steps
+                                   # (k dividing H); 0: with their block's fragment
   c.diloco.offload_outer = False   # keep every fragment's θ_g, outer optimizer state and
                                    # in-flight Δ in host memory (pinned_host); only the fragment
                                    # being synced is on the device. False for "dp"
@@ -74,7 +95,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = 1                  # devices per worker for its batch
   c.mesh.model = 1                 # devices per worker for the model
-  c.mesh.num_cpu_devices = 0       # simulated host devices on CPU; 0: M * data * model
+  c.mesh.expert = 1                # devices per worker over which the experts are split
+  c.mesh.num_cpu_devices = 0       # simulated host devices on CPU; 0: M * data * expert * model
 
   if arg == "tiny":
     pass
