@@ -54,11 +54,12 @@ def test_expert_parallel_equals_unsharded_loss_aux_and_gradient(moe):
       mesh, jax.tree.map(sharding.per_worker, specs, is_leaf=sharding.is_spec)))
   assert sharded["blocks"][0]["mlp"]["experts_up"].sharding.spec[:2] == (
       mesh_lib.WORKER, mesh_lib.EXPERT)
-  fn = _value_and_grad(cfg, sharding.activation_constraint(mesh))
-  (loss, aux), grads = fn(sharded, batch)
+  compiled = _value_and_grad(cfg, sharding.activation_constraint(mesh)).lower(
+      sharded, batch).compile()
+  (loss, aux), grads = compiled(sharded, batch)
   # The exchange is over the expert axis only: every collective of the dispatch stays inside
   # one worker's 4 devices (worker w holds devices 4w .. 4w + 3).
-  hlo = fn.lower(sharded, batch).compile().as_text()
+  hlo = compiled.as_text()
   op = "all-to-all" if moe["dispatch"] == "capacity" else "reduce-scatter"
   groups = re.findall(op + r"\(.*?replica_groups=\{(\{[\d,{}]*\})\}", hlo)
   assert groups, f"no {op} in the compiled program"
