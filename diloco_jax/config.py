@@ -101,6 +101,8 @@ class ModelSection:
   tied_embeddings: bool = True
   dtype: str = "float32"           # compute dtype; params are fp32
   remat: str = "none"              # "block": recompute each block's activations in backward
+  attention: str = "dense"         # "dense" or "blockwise" (flash-style, O(L·block) memory)
+  attention_block: int = 128       # blockwise: positions per tile
   moe: Any = None                  # model.moe.*: MoEConfig's keys; num_experts=0 (or no
                                    # section): a dense model
 
@@ -454,6 +456,11 @@ class RunConfig:
         if tau >= d.inner_steps:
           raise ConfigError(f"diloco.overlap_steps (τ) must be an integer with 0 <= τ < "
                             f"diloco.inner_steps (H={d.inner_steps}), got {tau!r}")
+    if self.model.attention == "blockwise":
+      block = min(self.model.attention_block, self.data.seq_len)
+      if self.data.seq_len % block:
+        raise ConfigError(f"model.attention_block={self.model.attention_block} must divide "
+                          f"data.seq_len={self.data.seq_len} for model.attention='blockwise'")
     if self.model.vocab_size < self.data.vocab:
       raise ConfigError(f"model.vocab_size={self.model.vocab_size} is smaller than the data's "
                         f"vocabulary ({self.data.vocab}); use 0 to take the data's")

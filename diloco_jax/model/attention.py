@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from diloco_jax.model.blockwise import blockwise_attention
 from diloco_jax.model.config import ModelConfig
 from diloco_jax.model.layers import RMSNorm, _no_constraint, _normal, _rope
 
@@ -33,12 +34,18 @@ class Attention(nnx.Module):
     q_BxLxHxK, k_BxLxHxK = heads(q_BxLxHxK), heads(k_BxLxHxK)
     q_BxLxHxK = _rope(self.q_norm(q_BxLxHxK), self.cfg.rope_base)
     k_BxLxHxK = _rope(self.k_norm(k_BxLxHxK), self.cfg.rope_base)
-    s_BxHxLxL = jnp.einsum("bqhk,bshk->bhqs", q_BxLxHxK, k_BxLxHxK,
-                           preferred_element_type=jnp.float32) * self.cfg.head_dim**-0.5
     L = x_BxLxD.shape[1]
-    causal_LxL = jnp.tril(jnp.ones((L, L), bool))
-    s_BxHxLxL = jnp.where(causal_LxL, s_BxHxLxL, jnp.finfo(jnp.float32).min)
-    p_BxHxLxL = jax.nn.softmax(s_BxHxLxL, axis=-1).astype(dt)  # softmax in float32
-    o_BxLxHxK = heads(jnp.einsum("bhqs,bshk->bqhk", p_BxHxLxL, v_BxLxHxK))
+    if self.cfg.attention == "blockwise":
+      block = min(self.cfg.attention_block, L)
+      if L % block:
+        raise ValueError(f"model.attention_block={block} must divide the sequence length {L}")
+      o_BxLxHxK = heads(blockwise_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, block))
+    else:
+      s_BxHxLxL = jnp.einsum("bqhk,bshk->bhqs", q_BxLxHxK, k_BxLxHxK,
+                             preferred_element_type=jnp.float32) * self.cfg.head_dim**-0.5
+      causal_LxL = jnp.tril(jnp.ones((L, L), bool))
+      s_BxHxLxL = jnp.where(causal_LxL, s_BxHxLxL, jnp.finfo(jnp.float32).min)
+      p_BxHxLxL = jax.nn.softmax(s_BxHxLxL, axis=-1).astype(dt)  # softmax in float32
+      o_BxLxHxK = heads(jnp.einsum("bhqs,bshk->bqhk", p_BxHxLxL, v_BxLxHxK))
     out_BxLxD = jnp.einsum("blhk,hkd->bld", o_BxLxHxK, self.wo[...].astype(dt))
     return constrain(out_BxLxD, ("batch", None, None))

@@ -11,6 +11,7 @@ from diloco_jax.model.moe import MoEConfig
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 _MLPS = ("swiglu", "gelu")
 REMAT = ("none", "block")
+ATTENTIONS = ("dense", "blockwise")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,6 +32,8 @@ class ModelConfig:
   dtype: str = "float32"  # activation/compute dtype; params are always float32.
   remat: str = "none"  # "block": recompute each block's activations in the backward pass.
   moe: MoEConfig | None = None  # a sparse MoE feed-forward in every moe.every-th block.
+  attention: str = "dense"  # "dense" ([L, L] scores) or "blockwise" (flash-style tiles).
+  attention_block: int = 128  # blockwise: positions per tile (must divide the sequence length).
 
   def __post_init__(self):
     for name in ("vocab_size", "num_layers", "d_model", "num_heads", "ffn_dim"):
@@ -49,6 +52,12 @@ class ModelConfig:
       raise ValueError(f"model.mlp must be 'swiglu' or 'gelu', got {self.mlp!r}")
     if self.remat not in REMAT:
       raise ValueError(f"model.remat must be one of {REMAT}, got {self.remat!r}")
+    if self.attention not in ATTENTIONS:
+      raise ValueError(f"model.attention must be one of {ATTENTIONS}, got {self.attention!r}")
+    if (not isinstance(self.attention_block, int) or isinstance(self.attention_block, bool)
+        or self.attention_block < 1):
+      raise ValueError(f"model.attention_block must be an integer >= 1, got "
+                       f"{self.attention_block!r}")
     if self.dtype not in _DTYPES:
       raise ValueError(f"model.dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
     for name, ok, allowed in (("z_loss", self.z_loss >= 0, ">= 0"),

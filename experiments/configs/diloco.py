@@ -31,6 +31,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.model.dtype = "float32"        # compute dtype ("float32", "bfloat16"); params are fp32
   c.model.remat = "none"           # "none" or "block": recompute each block's activations in
                                    # the backward pass (less activation memory, more compute)
+  c.model.attention = "dense"      # "dense" ([L, L] scores) or "blockwise" (flash-style tiles,
+                                   # O(L·block) memory, the same numbers to 1e-5)
+  c.model.attention_block = 128    # blockwise: positions per tile; must divide data.seq_len
   c.model.d_model = 0              # 0: the preset's (also num_heads, ffn_dim)
   c.model.num_heads = 0
   c.model.ffn_dim = 0
