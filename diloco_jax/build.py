@@ -73,12 +73,11 @@ def make_algorithm(rc: RunConfig, mesh, params):
   outer_opt = outer.outer_optimizer(d.outer_optimizer, d.outer_lr, d.outer_momentum)
   common = dict(num_workers=d.num_workers, inner_steps=d.inner_steps, mesh=mesh,
                 codec=d.quantizer, wire=d.wire, error_feedback=d.error_feedback,
-                param_specs=specs, offload_outer=d.offload_outer)
-  if d.router_sync_every:   # the routers as their own fragment, on their own period
-    common.update(fragments=make_fragments(rc, params), sync_every=sync_every(rc))
+                param_specs=specs, offload_outer=d.offload_outer,
+                # DiLoCo: one fragment, plus the routers' own with diloco.router_sync_every.
+                fragments=make_fragments(rc, params), sync_every=sync_every(rc))
   if rc.algorithm == "diloco":
     return algorithm.DiLoCo(loss_fn, inner_opt, outer_opt, **common)
-  common.setdefault("fragments", make_fragments(rc, params))
   return algorithm.StreamingDiLoCo(
       loss_fn, inner_opt, outer_opt, overlap_steps=d.worker_overlap_steps or d.overlap_steps,
       merge_alpha=d.merge_alpha, **common)

@@ -361,7 +361,8 @@ def param_specs(mesh, params):
 
 
 def make_fragments(rc: RunConfig, params) -> fragments.Fragments:
-  """Streaming DiLoCo's fragments of `params` (concrete or abstract) and the schedule check;
+  """The fragments of `params` (concrete or abstract) and the schedule check: Streaming DiLoCo's
+  blocks, or DiLoCo's one fragment, plus the routers' own with diloco.router_sync_every;
   RunConfig runs it on abstract params, so a bad value stops a run before anything compiles."""
   d = rc.diloco
   try:

@@ -100,7 +100,6 @@ def run(config: ml_collections.ConfigDict, workdir: str, stop_after: int | None 
   saved so far are kept, no summary is written, and running again resumes.
   """
   rc = config_lib.from_config_dict(config)   # every config error, before anything compiles
-  _, active_params = model_lib.param_counts(rc.model)
   M, T, B, L = rc.diloco.num_workers, rc.train.num_steps, rc.train.batch_size, rc.data.seq_len
   source = build.make_source(rc)
   eval_source = build.make_source(rc, "eval") if rc.data.source == "text" else source
@@ -139,7 +138,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, stop_after: int | None 
       mesh_lib.replicated(mesh), np.stack([next(eval_it)[0]
                                            for _ in range(rc.eval.num_batches)]))
   evaluate = _eval_fn(rc.model)
-  router_tokens = eval_set[0, :, :-1]
+  router_tokens = eval_set[0, :, :-1] if router_frags else None
   floor = data.entropy_floor(source)
 
   os.makedirs(workdir, exist_ok=True)
@@ -249,7 +248,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, stop_after: int | None 
       "wall_time_s": wall, "steps_this_run": steps_run,
       "tokens_per_s": tokens_per_step * steps_run / wall if steps_run else 0.0,
       "num_params": numel,
-      "active_params": active_params,
+      "active_params": model_lib.param_counts(rc.model)[1],
       "active_flops_per_token": model_lib.flops_per_token(rc.model, L),
   }
   ckpt.close()

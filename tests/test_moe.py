@@ -29,6 +29,18 @@ def _pure(layer, **call):
   return state, lambda state, x: nnx.merge(graphdef, state)(x, **call)
 
 
+def one_hot_masks(weights_TxK: jax.Array, experts_TxK: jax.Array, num_experts: int, C: int):
+  """Dispatch [T, E, C] (0/1) and combine [T, E, C] (the weights) tensors, and the kept mask
+  [T, k]: GShard's one-hot form of `moe.capacity_positions`, the readable reference for the
+  layer's scatter/gather."""
+  position_TxK, kept_TxK = moe_lib.capacity_positions(experts_TxK, num_experts, C)
+  slot_TxKxC = jax.nn.one_hot(jnp.where(kept_TxK, position_TxK, C), C, dtype=jnp.float32)
+  dispatch_TxKxExC = (jax.nn.one_hot(experts_TxK, num_experts, dtype=jnp.float32)[..., None]
+                      * slot_TxKxC[:, :, None, :])
+  combine_TxExC = jnp.einsum("tk,tkec->tec", weights_TxK.astype(jnp.float32), dispatch_TxKxExC)
+  return jnp.sum(dispatch_TxKxExC, axis=1), combine_TxExC, kept_TxK
+
+
 def reference(layer, x_BxLxD):
   """Routing as the layer, then a slow loop over the experts: each expert's MLP on every token,
   kept with its weight where the token chose it (k·E masked sums, nothing gathered)."""
@@ -130,7 +142,7 @@ def test_first_choices_take_capacity_before_second_choices():
   # choice fits, every second choice is over capacity.
   experts = jnp.array([[1, 0], [1, 0], [0, 1], [0, 1]], jnp.int32)
   weights = jnp.full((4, 2), 0.5)
-  dispatch, combine, kept = moe_lib.capacity_masks(weights, experts, 2, 2)
+  dispatch, combine, kept = one_hot_masks(weights, experts, 2, 2)
   np.testing.assert_array_equal(kept, [[True, False]] * 4)
   assert dispatch.shape == (4, 2, 2) and float(dispatch.sum()) == 4.0
   np.testing.assert_array_equal(dispatch[:, 1, :], [[1, 0], [0, 1], [0, 0], [0, 0]])
@@ -188,7 +200,7 @@ def test_the_capacity_layer_equals_the_one_hot_dispatch_and_combine_with_drops()
     m = nnx.merge(graphdef, state)
     x_TxD = x_BxLxD.reshape(T, D)
     w, e, _ = moe_lib.route(x_TxD @ m.router[...], 2)
-    dispatch, combine, _ = moe_lib.capacity_masks(w, e, 4, moe_lib.capacity(T, 4, 2, 1.0))
+    dispatch, combine, _ = one_hot_masks(w, e, 4, moe_lib.capacity(T, 4, 2, 1.0))
     h = jnp.einsum("tec,td->ecd", dispatch, x_TxD)
     out = (jax.nn.silu(h @ m.experts_gate[...]) * (h @ m.experts_up[...])) @ m.experts_down[...]
     return jnp.einsum("tec,ecd->td", combine, out).reshape(B, L, D)

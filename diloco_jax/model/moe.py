@@ -13,8 +13,8 @@ Two dispatch paths behind one interface (`MoE.__call__`), the same maths:
   T·k assignments, in priority order (all tokens' first choices before any second choice, then
   token order, as in Switch/T5X); an assignment over capacity gets zero weight, so its token
   keeps only the residual path. Tokens are scattered into an [E, C, D] buffer and gathered
-  back (static shapes; the experts compute E·C rows). `capacity_masks` states the same routing
-  as GShard's one-hot dispatch/combine tensors [T, E, C] (the tests compare the two).
+  back (static shapes; the experts compute E·C rows). The tests state the same routing as
+  GShard's one-hot dispatch/combine tensors [T, E, C] and compare the two.
 * **dropless**: the T·k assignments sorted by expert, `group_sizes = bincount`, and a grouped
   matmul (`jax.lax.ragged_dot`), unsorted and summed with the weights; nothing is dropped.
   XLA:CPU lowers ragged_dot densely (E× the FLOPs), so on CPU the capacity path is the honest
@@ -142,18 +142,6 @@ def capacity_positions(experts_TxK: jax.Array, num_experts: int, C: int):
   return position_KxT.T, position_KxT.T < C
 
 
-def capacity_masks(weights_TxK: jax.Array, experts_TxK: jax.Array, num_experts: int, C: int):
-  """Dispatch [T, E, C] (0/1) and combine [T, E, C] (the weights) tensors, and the kept mask
-  [T, k]: the one-hot form of `capacity_positions` (the layer gathers and scatters instead;
-  these dense tensors are the readable statement of the same routing)."""
-  position_TxK, kept_TxK = capacity_positions(experts_TxK, num_experts, C)
-  slot_TxKxC = jax.nn.one_hot(jnp.where(kept_TxK, position_TxK, C), C, dtype=jnp.float32)
-  dispatch_TxKxExC = (jax.nn.one_hot(experts_TxK, num_experts, dtype=jnp.float32)[..., None]
-                      * slot_TxKxC[:, :, None, :])
-  combine_TxExC = jnp.einsum("tk,tkec->tec", weights_TxK.astype(jnp.float32), dispatch_TxKxExC)
-  return jnp.sum(dispatch_TxKxExC, axis=1), combine_TxExC, kept_TxK
-
-
 def router_agreement(experts_MxNxTxK: jax.Array, routers_MxNxDxE: jax.Array) -> dict:
   """How far M workers' routers have drifted apart, for N MoE blocks: per block [N],
     topk_overlap: mean over worker pairs and tokens of |S_m ∩ S_n| / k, S_m the k experts
@@ -250,7 +238,6 @@ class MoE(nnx.Module):
       y_TxD, aux = routed(moe, factor, x_BxLxD.reshape(B * L, D), self.router[...], experts)
       y_BxLxD = y_TxD.reshape(B, L, D)
       aux["experts"] = aux["experts"].reshape(B, L, moe.top_k)
-      del aux["mean_probs"]
     if moe.shared_expert:
       sgate = self.shared_gate[...].astype(dt) if moe.mlp == "swiglu" else None
       y_BxLxD = y_BxLxD + _ffn(x_BxLxD, self.shared_up[...].astype(dt),
@@ -284,7 +271,7 @@ def routed(moe: MoEConfig, factor: float, x_TxD: jax.Array, router_DxE: jax.Arra
     position_TxK, kept_TxK = capacity_positions(experts_TxK, E, C)
     # Row e·C + c of the experts' input buffer is slot c of expert e; an assignment over
     # capacity goes to one extra row that is never read. A scatter-add and a gather move
-    # T·k·D values (the one-hot einsums of `capacity_masks` would cost T·E·C·D).
+    # T·k·D values (GShard's one-hot dispatch/combine einsums would cost T·E·C·D).
     slot_TxK = jnp.where(kept_TxK, experts_TxK * C + position_TxK, E * C)
     D = x_TxD.shape[1]
     buffer = jnp.zeros((E * C + 1, D), dt).at[slot_TxK.reshape(-1)].add(
@@ -308,7 +295,7 @@ def routed(moe: MoEConfig, factor: float, x_TxD: jax.Array, router_DxE: jax.Arra
          "dropped_fraction": dropped,
          "router_confidence": jnp.mean(jnp.max(probs_TxE, axis=-1)),
          "experts": experts_TxK,
-         "mean_probs": jnp.mean(probs_TxE, axis=0)}   # P_e, for the expert-parallel balance loss
+         "mean_probs": jnp.mean(probs_TxE, axis=0)}   # P_e (the expert-parallel balance loss)
   return y_TxD, aux
 
 
@@ -343,7 +330,8 @@ def _dropless(moe, x_TxD, weights_TxK, experts_TxK, up, down, gate, expert_axis)
 def _expert_parallel(mesh, moe: MoEConfig, factor: float, x_BxLxD, router_DxE, experts):
   """`routed` under shard_map: tokens split over (data, expert), experts over expert."""
   tokens = P((DATA, EXPERT))
-  stats = ("router_z_loss", "expert_load", "dropped_fraction", "router_confidence")
+  stats = ("router_z_loss", "expert_load", "dropped_fraction", "router_confidence",
+           "mean_probs")
 
   def local(x_BxLxD, router_DxE, *experts):
     B, L, D = x_BxLxD.shape
@@ -353,8 +341,7 @@ def _expert_parallel(mesh, moe: MoEConfig, factor: float, x_BxLxD, router_DxE, e
     # statistic and the balance loss E·Σ f_e·P_e (from the global f and P) equal the
     # unsharded layer's.
     out = {k: jax.lax.pmean(aux[k], (DATA, EXPERT)) for k in stats}
-    mean_probs = jax.lax.pmean(aux["mean_probs"], (DATA, EXPERT))
-    out["load_balance_loss"] = moe.num_experts * jnp.sum(out["expert_load"] * mean_probs)
+    out["load_balance_loss"] = moe.num_experts * jnp.sum(out["expert_load"] * out["mean_probs"])
     out["experts"] = aux["experts"].reshape(B, L, moe.top_k)
     return y_TxD.reshape(B, L, D), out
 

@@ -62,7 +62,8 @@ class Transformer(nnx.Module):
   """tokens [B, L] int -> (logits [B, L, V] float32, aux). aux is {} for a dense model; with
   MoE blocks, aux["moe"] holds each MoE block's auxiliaries stacked in block order (leading
   dimension: the MoE blocks, `cfg.moe_blocks`): load_balance_loss, router_z_loss,
-  dropped_fraction, router_confidence [n], expert_load [n, E], experts [n, B, L, k]."""
+  dropped_fraction, router_confidence [n], expert_load and mean_probs [n, E], experts
+  [n, B, L, k]."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
@@ -84,19 +85,19 @@ class Transformer(nnx.Module):
     x_BxLxD = jnp.take(table_VxD, tokens_BxL, axis=0).astype(dt)
     x_BxLxD = constrain(x_BxLxD, ("batch", None, None))
     if self.cfg.remat == "block":
-      x_BxLxD, auxes = self._scan_blocks(x_BxLxD, constrain, train)
+      x_BxLxD, moe_aux = self._scan_blocks(x_BxLxD, constrain, train)
     else:
       auxes = []
       for block in self.blocks:
         x_BxLxD, aux = block(x_BxLxD, constrain, train)
         auxes += [aux] if aux else []
-      auxes = [jax.tree.map(lambda *xs: jnp.stack(xs), *auxes)] if auxes else []
+      moe_aux = jax.tree.map(lambda *xs: jnp.stack(xs), *auxes) if auxes else {}
     x_BxLxD = self.final_norm(x_BxLxD)
     w_DxV = self.embed[...].T if self.cfg.tied_embeddings else self.unembed[...]
     # Accumulate in float32: the softmax over 32k classes and the z-loss need full precision.
     logits = jnp.einsum("bld,dv->blv", x_BxLxD, w_DxV.astype(dt),
                         preferred_element_type=jnp.float32)
-    return constrain(logits, ("batch", None, "vocab")), ({"moe": auxes[0]} if auxes else {})
+    return constrain(logits, ("batch", None, "vocab")), ({"moe": moe_aux} if moe_aux else {})
 
 
   def _scan_blocks(self, x_BxLxD: jax.Array, constrain, train: bool):
@@ -107,7 +108,7 @@ class Transformer(nnx.Module):
     block, one scan step is a period of n blocks (n − 1 dense, then the sparse one), so the
     stacked weights have one structure. The params stay one dict per block (fragments are made
     of whole blocks): stacking them costs one copy of the blocks' weights, sharded like the
-    weights themselves. Returns (x, [aux stacked over the MoE blocks] or [])."""
+    weights themselves. Returns (x, aux stacked over the MoE blocks, {} for a dense model)."""
     n = self.cfg.moe.every if self.cfg.moe is not None else 1
     blocks = list(self.blocks)
     graphdefs = [nnx.split(b)[0] for b in blocks[:n]]
@@ -121,7 +122,7 @@ class Transformer(nnx.Module):
       return x, aux   # the period's last block is its only sparse one
 
     x_BxLxD, aux = jax.lax.scan(jax.checkpoint(body), x_BxLxD, stacked)
-    return x_BxLxD, [aux] if aux else []
+    return x_BxLxD, aux
 
 
 def init_params(cfg: ModelConfig, rng: jax.Array) -> dict:
