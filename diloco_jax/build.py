@@ -12,7 +12,7 @@ import functools
 
 import jax
 
-from diloco_jax import algorithm, collectives, data, inner, outer, sharding
+from diloco_jax import algorithm, collectives, data, inner, outer, retrieval, sharding
 from diloco_jax import mesh as mesh_lib
 from diloco_jax import model as model_lib
 from diloco_jax.config import ConfigError, RunConfig, make_fragments, param_specs, sync_every
@@ -20,9 +20,9 @@ from diloco_jax.config import ConfigError, RunConfig, make_fragments, param_spec
 
 def cpu_devices_for(rc: RunConfig) -> int:
   """How many simulated host devices the entry points ask for: mesh.num_cpu_devices, else one
-  per worker, data, expert and model shard."""
+  per worker, data, expert, context and model shard."""
   m = rc.mesh
-  return m.num_cpu_devices or rc.diloco.num_workers * m.data * m.expert * m.model
+  return m.num_cpu_devices or rc.diloco.num_workers * m.data * m.expert * m.context * m.model
 
 
 def make_source(rc: RunConfig, split: str = "train"):
@@ -32,9 +32,14 @@ def make_source(rc: RunConfig, split: str = "train"):
     return data.SyntheticLanguage(vocab_size=d.vocab_size, num_classes=d.num_classes,
                                   seed=rc.seed)
   try:
-    return data.TextBytes(list(d.files), seq_len=d.seq_len, split=split)
+    text = data.TextBytes(list(d.files), seq_len=d.seq_len, split=split)
   except (ValueError, FileNotFoundError) as e:
     raise ConfigError(f"data.paths: {e}") from None
+  # Retrieval episodes are mixed into the training windows only: the held-out loss stays plain
+  # language modelling on the held-out text (needle recall is its own evaluation).
+  if split == "train" and d.retrieval.fraction:
+    return retrieval.RetrievalMix(text, d.retrieval)
+  return text
 
 
 def make_mesh(rc: RunConfig, devices=None):
@@ -42,7 +47,7 @@ def make_mesh(rc: RunConfig, devices=None):
   all)."""
   try:
     return mesh_lib.make_mesh(rc.diloco.num_workers, rc.mesh.data, rc.mesh.model, devices,
-                              expert=rc.mesh.expert)
+                              expert=rc.mesh.expert, context=rc.mesh.context)
   except ValueError as e:
     raise ConfigError(f"mesh: {e}") from None
 

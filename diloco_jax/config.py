@@ -25,7 +25,7 @@ from typing import Any
 
 import jax
 
-from diloco_jax import collectives, fragments, outer, quantize, sharding
+from diloco_jax import collectives, fragments, outer, quantize, retrieval, sharding
 from diloco_jax import mesh as mesh_lib
 from diloco_jax import model as model_lib
 
@@ -101,8 +101,15 @@ class ModelSection:
   tied_embeddings: bool = True
   dtype: str = "float32"           # compute dtype; params are fp32
   remat: str = "none"              # "block": recompute each block's activations in backward
-  attention: str = "dense"         # "dense" or "blockwise" (flash-style, O(L·block) memory)
-  attention_block: int = 128       # blockwise: positions per tile
+  attention: str = "dense"         # "dense", "blockwise" (flash-style, O(L·block) memory),
+                                   # "cudnn" (GPU), "splash" (TPU), "ring" (mesh.context)
+  attention_block: int = 128       # blockwise/splash: positions per tile
+  rope_base: float = 0.0           # RoPE base; 0: 10000 (base scaling: e.g. 5e5, 1e6)
+  rope_scaling: str = "none"       # "none", "linear" (position interpolation) or "yarn"
+  rope_scaling_factor: float = 1.0  # s = L_target / L_train
+  rope_original_length: int = 0    # yarn: L_train
+  yarn_beta_fast: float = 32.0
+  yarn_beta_slow: float = 1.0
   moe: Any = None                  # model.moe.*: MoEConfig's keys; num_experts=0 (or no
                                    # section): a dense model
 
@@ -127,7 +134,7 @@ class ModelSection:
     overrides = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
                  if f.name != "preset"}
     overrides["vocab_size"] = self.vocab_size or data_vocab
-    for name in ("num_layers", "d_model", "num_heads", "ffn_dim", "mlp"):
+    for name in ("num_layers", "d_model", "num_heads", "ffn_dim", "mlp", "rope_base"):
       if not getattr(self, name):
         del overrides[name]         # the preset's
     try:
@@ -208,8 +215,15 @@ class TrainConfig:
   b2: float
   grad_clip: float | None = 1.0    # None (config: 0): off
   log_every: int
+  init_from: str = ""              # a finished run's workdir: start from its latest outer params
+                                   # (fresh optimizer state; e.g. "train short, continue long")
 
   def __post_init__(self):
+    if not isinstance(self.init_from, str):
+      raise ConfigError(f"train.init_from must be a workdir path or '', got {self.init_from!r}")
+    if self.init_from and not os.path.isfile(os.path.join(self.init_from, "config.json")):
+      raise ConfigError(f"train.init_from={self.init_from!r} is not a training run's workdir "
+                        f"(it has no config.json)")
     _integer("train.num_steps", self.num_steps, 1)
     _integer("train.batch_size", self.batch_size, 1)
     _set(self, "learning_rate", _real("train.learning_rate", self.learning_rate, *_POSITIVE))
@@ -236,6 +250,8 @@ class DataConfig:
   seq_len: int                     # L
   vocab_size: int | None = None    # synthetic: vocabulary (required there)
   num_classes: int = 16            # synthetic: word classes
+  retrieval: Any = None            # text: data.retrieval.*, RetrievalConfig's keys (needle
+                                   # episodes packed into a fraction of the training windows)
   files: tuple[str, ...] = dataclasses.field(init=False)   # text: the files `paths` name
 
   def __post_init__(self):
@@ -248,6 +264,17 @@ class DataConfig:
     paths = tuple(paths)
     _set(self, "paths", paths)
     _set(self, "files", ())
+    rcfg = {} if self.retrieval is None else _plain(self.retrieval, "data.retrieval")
+    try:   # RetrievalConfig's messages name the data.retrieval.* key
+      rcfg = retrieval.RetrievalConfig(**_keyword_args(retrieval.RetrievalConfig, rcfg,
+                                                       "data.retrieval"))
+      rcfg.check_length(self.seq_len)
+    except (TypeError, ValueError) as e:
+      raise ConfigError(str(e)) from None
+    _set(self, "retrieval", rcfg)
+    if rcfg.fraction and self.source != "text":
+      raise ConfigError(f"data.retrieval.fraction={rcfg.fraction} needs data.source='text' "
+                        f"(the episodes are built from its files); use 0")
     if self.source == "text":
       if not paths:
         raise ConfigError("data.paths must name at least one file for data.source='text'")
@@ -301,12 +328,15 @@ class MeshConfig:
   model: int = 1                   # devices per worker along the model axis
   expert: int = 1                  # devices per worker holding E/expert experts each (the
                                    # batch is split over data × expert)
-  num_cpu_devices: int = 0         # 0: M * data * expert * model
+  context: int = 1                 # devices per worker over which the sequence is split
+                                   # (ring attention: model.attention='ring')
+  num_cpu_devices: int = 0         # 0: M * data * expert * context * model
 
   def __post_init__(self):
     _integer("mesh.data", self.data, 1)
     _integer("mesh.model", self.model, 1)
     _integer("mesh.expert", self.expert, 1)
+    _integer("mesh.context", self.context, 1)
     _integer("mesh.num_cpu_devices", self.num_cpu_devices, 0)
 
 
@@ -457,11 +487,29 @@ class RunConfig:
         if tau >= d.inner_steps:
           raise ConfigError(f"diloco.overlap_steps (τ) must be an integer with 0 <= τ < "
                             f"diloco.inner_steps (H={d.inner_steps}), got {tau!r}")
-    if self.model.attention == "blockwise":
+    if self.model.attention in ("blockwise", "splash"):
       block = min(self.model.attention_block, self.data.seq_len)
       if self.data.seq_len % block:
         raise ConfigError(f"model.attention_block={self.model.attention_block} must divide "
-                          f"data.seq_len={self.data.seq_len} for model.attention='blockwise'")
+                          f"data.seq_len={self.data.seq_len} for model.attention="
+                          f"{self.model.attention!r}")
+      if self.model.attention == "splash" and block % 128:
+        raise ConfigError(f"model.attention='splash' needs tiles of a multiple of 128 "
+                          f"positions (the kernel's lane width), but model.attention_block="
+                          f"{self.model.attention_block} with data.seq_len={self.data.seq_len} "
+                          f"gives {block}")
+    C, L = self.mesh.context, self.data.seq_len
+    if C > 1 and self.model.attention != "ring":
+      raise ConfigError(f"mesh.context={C} splits the sequence, which only "
+                        f"model.attention='ring' supports; got model.attention="
+                        f"{self.model.attention!r}")
+    if C > 1 and self.model.moe is not None:
+      raise ConfigError(f"mesh.context={C} with an MoE model is not supported (the expert "
+                        f"dispatch splits tokens over data × expert only); use mesh.context=1")
+    if C > 1 and L % (2 * C):
+      raise ConfigError(f"data.seq_len={L} must be divisible by 2 * mesh.context = {2 * C} "
+                        f"(ring attention's load-balanced order cuts the sequence into "
+                        f"{2 * C} chunks)")
     if self.model.vocab_size < self.data.vocab:
       raise ConfigError(f"model.vocab_size={self.model.vocab_size} is smaller than the data's "
                         f"vocabulary ({self.data.vocab}); use 0 to take the data's")
@@ -480,7 +528,7 @@ class RunConfig:
     # Every sharding divides the model, and no quantization block straddles two devices: on
     # the mesh's axis sizes alone, before any device exists.
     mesh = mesh_lib.abstract_mesh(d.num_workers, self.mesh.data, self.mesh.model,
-                                  expert=self.mesh.expert)
+                                  expert=self.mesh.expert, context=self.mesh.context)
     specs = param_specs(mesh, params)
     if self.algorithm != "dp":
       try:

@@ -305,14 +305,16 @@ class TextBytes:
     self.split = split
     self.heldout_fraction = heldout_fraction
     chunk = seq_len + 1
-    file_index, starts = [], []
+    file_index, starts, regions = [], [], []
     for f, (_, data) in enumerate(files):
       n = len(data)
       boundary = n - math.floor(n * heldout_fraction)
       lo, hi = (0, boundary) if split == "train" else (boundary, n)
+      regions.append((lo, hi))
       count = (hi - lo) // chunk
       starts.append(lo + chunk * np.arange(count, dtype=np.int64))
       file_index.append(np.full(count, f, dtype=np.int64))
+    self._regions = regions
     self._starts = np.concatenate(starts)
     self._file_index = np.concatenate(file_index)
     if len(self._starts) == 0:
@@ -341,6 +343,13 @@ class TextBytes:
   def __len__(self) -> int:
     return len(self._starts)
 
+  def region(self, file: int) -> np.ndarray:
+    """This split's bytes of file `file` (index into ``paths``): one long contiguous document,
+    uint8 (memory-mapped, not copied). The held-out regions are the needle haystacks and the
+    long documents of the long-context loss."""
+    lo, hi = self._regions[file]
+    return self._files[file][1][lo:hi]
+
   def chunk_span(self, index: int) -> tuple[str, int, int]:
     """``(path, start, stop)``: the byte range ``[start, stop)`` of chunk ``index``."""
     start = int(self._starts[index])
@@ -356,10 +365,11 @@ class TextBytes:
 
 
 def entropy_floor(source) -> float | None:
-  """Best achievable per-token loss (nats): ``h`` for ``SyntheticLanguage``, ``None`` for text."""
+  """Best achievable per-token loss (nats): ``h`` for ``SyntheticLanguage``, ``None`` for text
+  (and sources built on it)."""
   if isinstance(source, SyntheticLanguage):
     return source.entropy_rate()
-  if isinstance(source, TextBytes):
+  if isinstance(source, TextBytes) or hasattr(source, "elements"):
     return None
   raise TypeError(f"source must be a SyntheticLanguage or TextBytes, got {type(source).__name__}.")
 
@@ -390,9 +400,16 @@ def _select_workers(
   ``step*M*B + b*M + m`` is worker ``m``'s row ``b``. Only those positions are read, so a
   process that feeds some of the workers never touches the others' shards."""
   base = step * num_workers * batch_size
-  return np.stack([
-    np.stack([elements[base + b * num_workers + m] for b in range(batch_size)]) for m in workers
+  return _stack([
+    _stack([elements[base + b * num_workers + m] for b in range(batch_size)]) for m in workers
   ])
+
+
+def _stack(rows: list):
+  """np.stack of arrays, or key by key of dicts of arrays (packed windows, `packing`)."""
+  if isinstance(rows[0], dict):
+    return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+  return np.stack(rows)
 
 
 class WorkerBatches:
@@ -514,9 +531,14 @@ def make_batches(
       f"TextBytes(files=[{files}],heldout_fraction={source.heldout_fraction},"
       f"chunks={len(source)})|{shape}"
     )
+  elif hasattr(source, "elements"):   # e.g. retrieval.RetrievalMix: packed dict windows
+    elements, description = source.elements(seq_len + 1, seed, split)
+    ds = grain.MapDataset.source(elements)
+    pipeline = f"{description}|{shape}"
   else:
     raise TypeError(
-      f"source must be a SyntheticLanguage or TextBytes, got {type(source).__name__}."
+      f"source must be a SyntheticLanguage, TextBytes or a source with elements(), got "
+      f"{type(source).__name__}."
     )
   steps = grain.MapDataset.range(len(ds) // (m * b))
   ds = steps.map(functools.partial(_select_workers, ds, m, b, local))

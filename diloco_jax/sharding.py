@@ -49,6 +49,9 @@ ACTIVATION_RULES: dict[str, str | tuple | None] = {
     # The expert axis also splits the batch: outside the MoE's experts its devices are data
     # parallel (GShard), and each routes its own tokens.
     "batch": (mesh_lib.DATA, mesh_lib.EXPERT),
+    # Context parallelism: the sequence over `context` everywhere (ring attention moves the
+    # keys and values; everything else is position-wise).
+    "length": mesh_lib.CONTEXT,
     "heads": mesh_lib.MODEL,
     "mlp": mesh_lib.MODEL,
     "vocab": mesh_lib.MODEL,

@@ -53,6 +53,34 @@ def _router_fn(model_cfg: model_lib.ModelConfig):
   return jax.jit(agreement)
 
 
+def _has_checkpoint(workdir: str) -> bool:
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(ckpt_dir):
+    return False
+  ckpt = checkpoint.Checkpointer(ckpt_dir)
+  try:
+    return ckpt.latest_step() is not None
+  finally:
+    ckpt.close()
+
+
+def _initial_params(init_from: str, like: dict) -> dict:
+  """The outer params of `init_from`'s latest checkpoint, laid out like `like` (this run's
+  fresh params: same shapes required, e.g. the same model at another sequence length)."""
+  from diloco_jax.evals import workdir as workdir_lib  # noqa: PLC0415
+  try:
+    other = workdir_lib.load_run_config(init_from)
+    params, _ = workdir_lib.restore_params(init_from, other, "outer")
+  except workdir_lib.EvalError as e:
+    raise ConfigError(f"train.init_from: {e}") from None
+  shapes = jax.tree.map(lambda x: x.shape, params)
+  if jax.tree.structure(params) != jax.tree.structure(like) or shapes != jax.tree.map(
+      lambda x: x.shape, like):
+    raise ConfigError(f"train.init_from={init_from!r} holds a model of other shapes than "
+                      f"this run's model.*; only data, RoPE and training keys may differ")
+  return jax.tree.map(lambda x, y: jax.device_put(x, y.sharding), params, like)
+
+
 @functools.lru_cache(maxsize=None)
 def _replicator(mesh):
   return jax.jit(lambda tree: tree, out_shardings=mesh_lib.replicated(mesh))
@@ -104,9 +132,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, stop_after: int | None 
   source = build.make_source(rc)
   eval_source = build.make_source(rc, "eval") if rc.data.source == "text" else source
   devices = jax.devices()
-  per_worker = rc.mesh.data * rc.mesh.expert * rc.mesh.model
+  per_worker = rc.mesh.data * rc.mesh.expert * rc.mesh.context * rc.mesh.model
   if len(devices) < per_worker:
-    raise ConfigError(f"mesh.data * mesh.expert * mesh.model = {per_worker} exceeds the "
+    raise ConfigError(f"mesh.data * mesh.expert * mesh.context * mesh.model = {per_worker} "
+                      f"exceeds the "
                       f"{len(devices)} available devices")
   key = jax.random.PRNGKey(rc.seed)
   init_key, algo_key = jax.random.split(key)
@@ -116,6 +145,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, stop_after: int | None 
   # same global arrays (a process cannot device_put onto another's devices) and no device ever
   # holds a whole copy of a sharded leaf.
   params = build.init_params(rc, mesh, init_key)
+  if rc.train.init_from and not _has_checkpoint(workdir):   # a resumed run keeps its own
+    params = _initial_params(rc.train.init_from, params)
   algo = build.make_algorithm(rc, mesh, params)
   state = algo.init(params, algo_key)
   numel = sum(x.size for x in jax.tree.leaves(params))
@@ -188,8 +219,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, stop_after: int | None 
   last_row, latest_sync = None, dict(restored_sync)
   for t in range(start + 1, T + 1):
     # This process's rows only; the global [M, B, L+1] array is assembled from every process's.
-    batch = jax.make_array_from_process_local_data(
-        batch_sharding, next(train_it)[:, my_rows], batch_shape)
+    batch = jax.tree.map(   # a token array, or a packed dict of arrays (`packing`)
+        lambda x: jax.make_array_from_process_local_data(
+            batch_sharding, x[:, my_rows], (M, B, *x.shape[2:])), next(train_it))
     if router_frags and router_frags.intersection(algo.schedule.sends(t)):
       latest_sync.update(_router_fn(rc.model)(state.local_params, router_tokens))
     state, m = algo.step(state, batch, t)

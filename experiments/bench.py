@@ -9,6 +9,9 @@ Run book:
     .venv/bin/python experiments/bench.py --quick --json
   without the layouts section (the methods only, on one device per worker):
     .venv/bin/python experiments/bench.py --layouts=false
+  the attention section (SPEC §6.2: dense vs blockwise at 1k, 4k, 16k, timed at 4k; about a
+  minute more) runs by default; without it:
+    .venv/bin/python experiments/bench.py --attention=false
   a paper-size model on an accelerator, e.g. the 35M preset at sequence length 1,024 (the
   layouts section needs 8 devices and reports itself skipped with fewer):
     .venv/bin/python experiments/bench.py --model=35M --num_layers=0 --vocab_size=0 \
@@ -35,6 +38,12 @@ neighbour on a shared machine slows every method alike and the ratios stay meani
               the layouts' repetitions interleaved), its compile time, the state bytes per
               device by field and the inner step's argument bytes per device (its compiled
               `memory_analysis()`), each as a ratio to replicated.
+  attention   one attention layer's forward+backward (q, k, v [1, L, 8, 64] fp32) compiled
+              alone at each --attention_lengths: dense (the [L, L] scores) vs blockwise
+              (flash-style tiles) and, on GPU / TPU, the cuDNN / splash kernel: the temporaries
+              from `memory_analysis()`, and at --attention_timed_length the wall time of each,
+              interleaved, as dense's time over it. Only compiled at the other lengths: the
+              dense program at 16k needs 16 GiB to run, and XLA plans it without allocating.
 
 On CPU, XLA runs one computation at a time (docs/design.md), so a send cannot overlap the next
 inner step here; the throughput ratio shows what the extra programs cost, not the overlap.
@@ -93,10 +102,18 @@ _QUICK = flags.DEFINE_bool("quick", False, "tiny sizes that finish in seconds (e
 _JSON = flags.DEFINE_bool("json", False, "print the report as one JSON object instead of text")
 _LAYOUTS = flags.DEFINE_bool("layouts", True, "also time Streaming DiLoCo's inner step with each "
                              "worker replicated, FSDP and FSDP+TP (M=2 on 8 devices)")
+_ATTENTION = flags.DEFINE_bool("attention", True, "also measure one attention layer's forward + "
+                               "backward, dense vs blockwise: temporaries and time")
+_ATTN_LENGTHS = flags.DEFINE_list("attention_lengths", ["1024", "4096", "16384"],
+                                  "attention section: sequence lengths whose compiled "
+                                  "forward+backward temporaries are reported")
+_ATTN_TIMED = flags.DEFINE_integer("attention_timed_length", 4096, "attention section: the "
+                                   "length at which dense and blockwise are timed")
 
 # --quick replaces these defaults (a flag given on the command line still wins).
 QUICK = dict(num_layers=1, vocab_size=32, workers=2, batch_size=2, seq_len=8, inner_steps=2,
-             layers_per_fragment=1, repeats=2, matmul_size=64)
+             layers_per_fragment=1, repeats=2, matmul_size=64, attention_lengths=["128", "256"],
+             attention_timed_length=256)
 
 METHODS = ("dp", "diloco", "streaming")
 GOAL = 0.95   # Streaming DiLoCo's throughput as a fraction of data-parallel's
@@ -109,6 +126,11 @@ LAYOUTS = {"replicated": (1, 1), "fsdp": (4, 1), "fsdp_tp": (2, 2)}
 LAYOUT_WORKERS = 2
 LAYOUT_BLOCK_SIZE = 16
 LAYOUT_DEVICES = LAYOUT_WORKERS * max(d * m for d, m in LAYOUTS.values())   # 8
+
+# The attention section: one layer's q, k, v [B, L, H, K] in fp32 (SPEC §6.2's measurement),
+# blockwise in tiles of ATTN_BLOCK; timed over at most ATTN_REPEATS interleaved repetitions
+# (one dense forward+backward at 4k takes seconds on 2 cores).
+ATTN_BATCH, ATTN_HEADS, ATTN_HEAD_DIM, ATTN_BLOCK, ATTN_REPEATS = 1, 8, 64, 128, 5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,6 +152,9 @@ class Settings:
   matmul_size: int
   quick: bool
   layouts: bool
+  attention: bool
+  attention_lengths: list
+  attention_timed_length: int
 
 
 def settings_from_flags() -> Settings:
@@ -143,6 +168,15 @@ def settings_from_flags() -> Settings:
     s = dataclasses.replace(s, steps=s.inner_steps)
   if s.repeats < 1 or s.steps < 1:
     raise app.UsageError("--repeats and --steps must be >= 1")
+  try:
+    s = dataclasses.replace(s, attention_lengths=[int(n) for n in s.attention_lengths])
+  except ValueError:
+    raise app.UsageError(f"--attention_lengths must be integers, got {s.attention_lengths}") \
+        from None
+  for n in s.attention_lengths + [s.attention_timed_length]:
+    if n < 1 or n % min(ATTN_BLOCK, n):
+      raise app.UsageError(f"attention lengths must be >= 1 and multiples of the block "
+                           f"{ATTN_BLOCK} (or below it), got {n}")
   return s
 
 
@@ -461,6 +495,7 @@ def run(s: Settings) -> dict:
   sync_cpu_s = {name: H * (cpu_step["period"][name] - cpu_step["inner"][name])
                 for name in METHODS}
   layouts = run_layouts(s) if s.layouts else None   # after the methods: it times alone
+  attention = run_attention(s) if s.attention else None
   return {
       "settings": dataclasses.asdict(s),
       "model": {"preset": s.model, "num_layers": cfg.num_layers, "d_model": cfg.d_model,
@@ -500,6 +535,7 @@ def run(s: Settings) -> dict:
                            "flops_per_s": matmul_med, "samples": matmul_fps},
                 **flops},
       "layouts": layouts,
+      "attention": attention,
   }
 
 
@@ -567,6 +603,77 @@ def run_layouts(s: Settings) -> dict:
 
 # ------------------------------------------------------------------------------------ report
 NAMES = {"dp": "data-parallel", "diloco": "DiLoCo", "streaming": "Streaming DiLoCo"}
+
+
+def _attention_fns() -> dict:
+  """The attention implementations this backend can run, as f(q, k, v) on [B, L, H, K]: dense
+  and blockwise everywhere, and the platform's own kernel (cuDNN on GPU, splash on TPU)."""
+  from diloco_jax.model import attention as attention_lib, blockwise, kernels
+  fns = {"dense": attention_lib.dense_attention,
+         "blockwise": lambda q, k, v: blockwise.blockwise_attention(
+             q, k, v, min(ATTN_BLOCK, q.shape[1]))}
+  platform = jax.devices()[0].platform
+  if platform == "gpu":   # cuDNN takes 16-bit inputs only: its row runs in bfloat16
+    fns["cudnn"] = lambda q, k, v: kernels.cudnn_attention(
+        *(x.astype(jnp.bfloat16) for x in (q, k, v))).astype(q.dtype)
+  if platform == "tpu":
+    fns["splash"] = lambda q, k, v: kernels.splash_attention(q, k, v, None,
+                                                             min(ATTN_BLOCK, q.shape[1]))
+  return fns
+
+
+def _attention_program(fn, L: int):
+  """One layer's forward + backward, (q, k, v, dO) -> (dQ, dK, dV), compiled ahead of time
+  for length L: (its memory_analysis, the executable)."""
+  shape = jax.ShapeDtypeStruct((ATTN_BATCH, L, ATTN_HEADS, ATTN_HEAD_DIM), jnp.float32)
+  program = jax.jit(lambda q, k, v, do: jax.vjp(fn, q, k, v)[1](do))
+  compiled = program.lower(*(shape,) * 4).compile()
+  return _memory(compiled), compiled
+
+
+def run_attention(s: Settings) -> dict:
+  """Per length, each implementation's compiled forward+backward memory (`memory_analysis`:
+  its temporaries are what the [L, L] scores cost); at the timed length, wall seconds per
+  forward+backward (interleaved repetitions) and dense's time as a ratio to each."""
+  fns = _attention_fns()
+  rows = []
+  for L in s.attention_lengths:
+    rows.append({"seq_len": L, **{name: _attention_program(fn, L)[0]
+                                  for name, fn in fns.items()}})
+  L = s.attention_timed_length
+  shape = (ATTN_BATCH, L, ATTN_HEADS, ATTN_HEAD_DIM)
+  args = [jax.random.normal(k, shape) for k in jax.random.split(jax.random.key(0), 4)]
+  programs = {name: _attention_program(fn, L)[1] for name, fn in fns.items()}
+  for program in programs.values():
+    jax.block_until_ready(program(*args))   # a first call outside the timing
+  samples = {name: [] for name in fns}
+  for rep in range(min(s.repeats, ATTN_REPEATS)):
+    for name in _rotated(tuple(fns), rep):
+      start = time.perf_counter()
+      jax.block_until_ready(programs[name](*args))
+      samples[name].append(time.perf_counter() - start)
+  seconds = {name: statistics.median(x) for name, x in samples.items()}
+  return {"batch": ATTN_BATCH, "heads": ATTN_HEADS, "head_dim": ATTN_HEAD_DIM,
+          "block": ATTN_BLOCK, "dtype": "float32", "implementations": list(fns), "rows": rows,
+          "timed": {"seq_len": L, "samples_s": samples, "seconds": seconds,
+                    "dense_over": {name: seconds["dense"] / t for name, t in seconds.items()}}}
+
+
+def format_attention(att: dict) -> list[str]:
+  names = att["implementations"]
+  gib = lambda b: f"{b / 2**30:.3f}"
+  out = [f"attention, one layer's forward+backward: B = {att['batch']}, H = {att['heads']}, "
+         f"K = {att['head_dim']}, {att['dtype']}, blockwise tiles of {att['block']}",
+         f"  temporaries GiB (memory_analysis) {'L':>8s}" + "".join(f"{n:>12s}" for n in names)]
+  for row in att["rows"]:
+    out.append(f"  {'':33s} {row['seq_len']:8,d}" + "".join(
+        f"{gib(row[n]['temp']) if row[n] else 'n/a':>12s}" for n in names))
+  t = att["timed"]
+  out.append(f"  wall s per forward+backward at L = {t['seq_len']:,} (median)"
+             + "".join(f"  {n} {t['seconds'][n]:.3f}" for n in names))
+  out.append("  dense's time over each: " + ", ".join(f"{n} {t['dense_over'][n]:.2f}x"
+                                                      for n in names if n != "dense"))
+  return out
 
 
 def _si(x: float | None, unit: str = "") -> str:
@@ -660,6 +767,8 @@ def format_report(r: dict) -> str:
              "params, the tied embedding once)")
   if r["layouts"] is not None:
     out += [""] + format_layouts(r["layouts"], r["devices"]["platform"], s["repeats"])
+  if r["attention"] is not None:
+    out += [""] + format_attention(r["attention"])
   out.append(f"\nthis run: {r['bench_wall_s']:.0f} s")
   return "\n".join(out)
 

@@ -184,3 +184,30 @@ def test_layouts_divide_each_workers_state_by_data_times_model(report):
     assert _positive(row["ratio"]) and _positive(row["ratio_cpu"]), (name, row)
   assert rows["replicated"]["ratio"] == rows["replicated"]["ratio_cpu"] == 1.0
   assert rows["replicated"]["memory"]["fields"]["local_params"] == 4 * N
+
+
+def test_attention_section_dense_holds_the_scores_and_blockwise_grows_linearly(report):
+  """One layer's forward+backward (SPEC §6.2): the dense program's temporaries hold at least one
+  [B, H, L, L] fp32 score matrix, blockwise's stay below dense's and grow linearly in L (no
+  [L, L] buffer); the timing is only checked to be numbers."""
+  att = report["attention"]
+  assert att["implementations"][:2] == ["dense", "blockwise"]
+  lengths = report["settings"]["attention_lengths"]
+  assert [row["seq_len"] for row in att["rows"]] == lengths and len(lengths) >= 2
+  B, H, K = att["batch"], att["heads"], att["head_dim"]
+  for row in att["rows"]:
+    L = row["seq_len"]
+    for name in att["implementations"]:
+      assert row[name]["argument"] == 4 * B * L * H * K * 4, (name, row)   # q, k, v, dO fp32
+    assert row["dense"]["temp"] >= B * H * L * L * 4, row
+    assert 0 < row["blockwise"]["temp"] < row["dense"]["temp"], row
+  (short, long), grow = (att["rows"][0], att["rows"][-1]), lengths[-1] / lengths[0]
+  assert long["blockwise"]["temp"] / short["blockwise"]["temp"] <= 1.25 * grow
+  assert long["dense"]["temp"] / short["dense"]["temp"] > 1.5 * grow
+  timed = att["timed"]
+  assert timed["seq_len"] == report["settings"]["attention_timed_length"]
+  for name in att["implementations"]:
+    assert len(timed["samples_s"][name]) == min(report["settings"]["repeats"], 5), name
+    assert all(_positive(x) for x in timed["samples_s"][name]), name
+    assert _positive(timed["dense_over"][name]), name
+  assert timed["dense_over"]["dense"] == 1.0

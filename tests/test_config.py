@@ -115,8 +115,8 @@ def test_an_unknown_key_is_named_with_the_allowed_keys():
       "router_sync_every, stochastic_rounding, wire, worker_overlap_steps") + "$"):
     _build(**{"diloco.foo": 1})
   with pytest.raises(ConfigError, match=re.escape(
-      "unknown key mesh.context; allowed: data, expert, model, num_cpu_devices") + "$"):
-    _build(**{"mesh.context": 2})
+      "unknown key mesh.ring; allowed: context, data, expert, model, num_cpu_devices") + "$"):
+    _build(**{"mesh.ring": 2})
   with pytest.raises(ConfigError, match=re.escape(
       "unknown keys eval.a, eval.b; allowed: batch_size, every_steps, num_batches, params") + "$"):
     _build(**{"eval.b": 1, "eval.a": 1})
@@ -168,11 +168,11 @@ def test_a_field_added_to_a_section_reaches_the_built_object(monkeypatch):
   """The construction is Section(**c.section): a new dataclass field is a new config key."""
 
   @dataclasses.dataclass(frozen=True, kw_only=True)
-  class MeshWithContext(MeshConfig):
-    context: int = 1
+  class MeshWithPipeline(MeshConfig):
+    pipeline: int = 1
 
-  monkeypatch.setitem(config_lib.SECTIONS, "mesh", MeshWithContext)
-  assert _build(**{"mesh.context": 4}).mesh == MeshWithContext(context=4)
+  monkeypatch.setitem(config_lib.SECTIONS, "mesh", MeshWithPipeline)
+  assert _build(**{"mesh.pipeline": 4}).mesh == MeshWithPipeline(pipeline=4)
   assert _build().mesh.context == 1
 
 

@@ -377,5 +377,5 @@ def test_bad_sources_are_rejected(tmp_path, numbered_file):
     data.TextBytes(str(numbered_file), 7, split="eval", heldout_fraction=0.0)
   with pytest.raises(ValueError, match="num_classes must be <= vocab_size"):
     data.SyntheticLanguage(vocab_size=4, num_classes=5)
-  with pytest.raises(TypeError, match="source must be a SyntheticLanguage or TextBytes"):
+  with pytest.raises(TypeError, match="source must be a SyntheticLanguage, TextBytes or a source with elements"):
     data.make_batches([1, 2, 3], num_workers=1, batch_size=1, seq_len=1, seed=0)

@@ -46,14 +46,16 @@ def _define_flags() -> flags.FlagValues:
   return fv
 
 
-def _fail(kind: str, msg: str) -> int:
+def fail(kind: str, msg: str) -> int:
+  """Prints `kind: msg` on stderr; the exit status of a refused evaluation command (2)."""
   print(f"{kind}: {msg}", file=sys.stderr)
   return 2
 
 
-def _parse(argv: list[str]) -> flags.FlagValues | str:
-  """The parsed flags, or the one-sentence reason they are bad."""
-  fv = _define_flags()
+
+def parse_workdir_flags(fv: flags.FlagValues, argv: list[str]) -> flags.FlagValues | str:
+  """`fv` parsed from `argv` with a --workdir that exists, or the one-sentence reason not: the
+  checks every evaluation command (this one, `needle`, `perplexity`) shares."""
   try:
     rest = fv(argv)
   except flags.Error as e:
@@ -71,12 +73,20 @@ def _parse(argv: list[str]) -> flags.FlagValues | str:
     return "--workdir is required"
   if not os.path.isdir(fv.workdir):
     return f"--workdir {fv.workdir!r} is not a directory"
+  return fv
+
+
+def _parse(argv: list[str]) -> flags.FlagValues | str:
+  """The parsed flags, or the one-sentence reason they are bad."""
+  fv = parse_workdir_flags(_define_flags(), argv)
+  if isinstance(fv, str):
+    return fv
   if fv.piqa_labels and not fv.piqa:
     return "--piqa_labels needs --piqa"
   return fv
 
 
-def _load_config(fv: flags.FlagValues):
+def load_config(fv: flags.FlagValues):
   """The run's ConfigDict: WORKDIR/config.json, else --config; or the reason there is none."""
   import ml_collections  # noqa: PLC0415
 
@@ -127,14 +137,14 @@ def main(argv: list[str]) -> int:
   """Runs the command for `argv` (argv[0] is the program name); returns the exit status."""
   fv = _parse(argv)
   if isinstance(fv, str):
-    return _fail("flag error", fv)
-  config = _load_config(fv)
+    return fail("flag error", fv)
+  config = load_config(fv)
   if isinstance(config, str):
-    return _fail("config error", config)
+    return fail("config error", config)
   try:
     task_examples = _load_tasks(fv)
   except tasks_lib.FormatError as e:
-    return _fail("data error", str(e))
+    return fail("data error", str(e))
   # JAX (and everything that imports it) only now: bad flags and files fail in a second.
   from diloco_jax import config as config_lib  # noqa: PLC0415
   from diloco_jax.evals import workdir  # noqa: PLC0415
@@ -146,9 +156,9 @@ def main(argv: list[str]) -> int:
                                       heldout_batches=fv.heldout_batches,
                                       batch_size=fv.batch_size)
   except config_lib.ConfigError as e:
-    return _fail("config error", str(e))
+    return fail("config error", str(e))
   except workdir.EvalError as e:
-    return _fail("error", str(e))
+    return fail("error", str(e))
   print(json.dumps(result) if fv.json else report(result))
   return 0
 

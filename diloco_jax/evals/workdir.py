@@ -36,6 +36,21 @@ def _host_device() -> jax.Device:
     return jax.devices()[0]
 
 
+def load_run_config(workdir: str) -> RunConfig:
+  """The RunConfig a run was started with, from its WORKDIR/config.json."""
+  import json  # noqa: PLC0415
+
+  import ml_collections  # noqa: PLC0415
+
+  from diloco_jax.config import from_config_dict  # noqa: PLC0415
+  path = os.path.join(workdir, "config.json")
+  try:
+    with open(path, encoding="utf-8") as f:
+      return from_config_dict(ml_collections.ConfigDict(json.load(f)))
+  except (OSError, ValueError) as e:
+    raise EvalError(f"cannot read the run's config {path!r}: {e}") from None
+
+
 def restore_params(workdir: str, rc: RunConfig, which: str) -> tuple[dict, int]:
   """(params, step): `algo.eval_params(state, which)` of the latest checkpoint in `workdir`.
 

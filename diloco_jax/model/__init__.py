@@ -14,9 +14,15 @@ Sharding: `logical_axes(params)` names every dimension of every leaf (`vocab`, `
 named through the `constrain(x, names)` hook that `apply`/`loss_fn` take (default: none), so
 the partitioner is told, not left to guess, where the batch, heads and MLP dimensions live.
 
-Modules: `config` (ModelConfig, presets), `layers` (RMSNorm, RoPE, initialisers), `attention`,
-`mlp` (dense feed-forward), `moe` (sparse mixture-of-experts feed-forward), `transformer`
-(blocks, `init_params`, `apply`, `logical_axes`), `loss` (`loss_fn`).
+Document packing: `apply(..., positions=, segment_ids=)` takes each token's RoPE position and
+document id [B, L]; no query attends across a document (every attention implementation).
+
+Modules: `config` (ModelConfig, presets), `layers` (RMSNorm, RoPE and its length scalings,
+initialisers), `attention` (the layer; dense attention), `blockwise` (flash-style attention in
+pure JAX), `kernels` (cuDNN and splash attention), `ring` (ring attention over the context
+axis, with the causal load-balancing order), `mlp` (dense feed-forward), `moe` (sparse
+mixture-of-experts feed-forward), `transformer` (blocks, `init_params`, `apply`,
+`logical_axes`), `loss` (`loss_fn`).
 """
 
 from diloco_jax.model.config import PRESETS, REMAT, ModelConfig, config_from_preset

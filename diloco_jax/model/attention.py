@@ -6,9 +6,31 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from diloco_jax.model import kernels, ring
 from diloco_jax.model.blockwise import blockwise_attention
 from diloco_jax.model.config import ModelConfig
-from diloco_jax.model.layers import RMSNorm, _no_constraint, _normal, _rope
+from diloco_jax.model.layers import (RMSNorm, _no_constraint, _normal, _rope, rope_angles,
+                                     rope_attention_scale, rope_frequencies)
+
+
+def segment_mask(segment_ids_BxL: jax.Array | None, L: int) -> jax.Array:
+  """Who query i may see: key j iff j <= i and (with segment ids) both share a segment;
+  [B or 1, 1, L, L] bool, broadcastable over the heads."""
+  causal_1x1xLxL = jnp.tril(jnp.ones((L, L), bool))[None, None]
+  if segment_ids_BxL is None:
+    return causal_1x1xLxL
+  same_BxLxL = segment_ids_BxL[:, :, None] == segment_ids_BxL[:, None, :]
+  return causal_1x1xLxL & same_BxLxL[:, None]
+
+
+def dense_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, segment_ids_BxL=None):
+  """The reference: every score [B, H, L, L] in float32, the mask, a softmax; q unscaled."""
+  L, K = q_BxLxHxK.shape[1], q_BxLxHxK.shape[3]
+  s_BxHxLxL = jnp.einsum("bqhk,bshk->bhqs", q_BxLxHxK, k_BxLxHxK,
+                         preferred_element_type=jnp.float32) * K**-0.5
+  s_BxHxLxL = jnp.where(segment_mask(segment_ids_BxL, L), s_BxHxLxL, jnp.finfo(jnp.float32).min)
+  p_BxHxLxL = jax.nn.softmax(s_BxHxLxL, axis=-1).astype(v_BxLxHxK.dtype)  # softmax in float32
+  return jnp.einsum("bhqs,bshk->bqhk", p_BxHxLxL, v_BxLxHxK)
 
 
 class Attention(nnx.Module):
@@ -25,27 +47,46 @@ class Attention(nnx.Module):
     self.q_norm = RMSNorm(K, cfg.norm_eps)
     self.k_norm = RMSNorm(K, cfg.norm_eps)
 
-  def __call__(self, x_BxLxD: jax.Array, constrain=_no_constraint) -> jax.Array:
-    dt = x_BxLxD.dtype
-    heads = lambda y: constrain(y, ("batch", None, "heads", None))
+  def __call__(self, x_BxLxD: jax.Array, constrain=_no_constraint,
+               positions_BxL: jax.Array | None = None,
+               segment_ids_BxL: jax.Array | None = None) -> jax.Array:
+    """positions [B, L] int (None: 0..L-1) rotate q and k; segment_ids [B, L] int (None: one
+    document per row) keep every query inside its own document."""
+    cfg, dt, L = self.cfg, x_BxLxD.dtype, x_BxLxD.shape[1]
+    heads = lambda y: constrain(y, ("batch", "length", "heads", None))
     q_BxLxHxK = jnp.einsum("bld,dhk->blhk", x_BxLxD, self.wq[...].astype(dt))
     k_BxLxHxK = jnp.einsum("bld,dhk->blhk", x_BxLxD, self.wk[...].astype(dt))
     v_BxLxHxK = heads(jnp.einsum("bld,dhk->blhk", x_BxLxD, self.wv[...].astype(dt)))
     q_BxLxHxK, k_BxLxHxK = heads(q_BxLxHxK), heads(k_BxLxHxK)
-    q_BxLxHxK = _rope(self.q_norm(q_BxLxHxK), self.cfg.rope_base)
-    k_BxLxHxK = _rope(self.k_norm(k_BxLxHxK), self.cfg.rope_base)
-    L = x_BxLxD.shape[1]
-    if self.cfg.attention == "blockwise":
-      block = min(self.cfg.attention_block, L)
+    if positions_BxL is None:
+      positions_BxL = jnp.arange(L)[None, :]
+    freq_F = rope_frequencies(cfg.head_dim, cfg.rope_base, cfg.rope_scaling,
+                              cfg.rope_scaling_factor, cfg.rope_original_length,
+                              cfg.yarn_beta_fast, cfg.yarn_beta_slow)
+    angle_BxLxF = rope_angles(positions_BxL, freq_F)
+    q_BxLxHxK = _rope(self.q_norm(q_BxLxHxK), angle_BxLxF)
+    k_BxLxHxK = _rope(self.k_norm(k_BxLxHxK), angle_BxLxF)
+    temperature = rope_attention_scale(cfg.rope_scaling, cfg.rope_scaling_factor)
+    if temperature != 1.0:   # YaRN: q and k each by √(1/t), the logits by 1/t
+      q_BxLxHxK, k_BxLxHxK = q_BxLxHxK * temperature, k_BxLxHxK * temperature
+    if cfg.attention in ("blockwise", "splash"):
+      block = min(cfg.attention_block, L)
       if L % block:
         raise ValueError(f"model.attention_block={block} must divide the sequence length {L}")
-      o_BxLxHxK = heads(blockwise_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, block))
-    else:
-      s_BxHxLxL = jnp.einsum("bqhk,bshk->bhqs", q_BxLxHxK, k_BxLxHxK,
-                             preferred_element_type=jnp.float32) * self.cfg.head_dim**-0.5
-      causal_LxL = jnp.tril(jnp.ones((L, L), bool))
-      s_BxHxLxL = jnp.where(causal_LxL, s_BxHxLxL, jnp.finfo(jnp.float32).min)
-      p_BxHxLxL = jax.nn.softmax(s_BxHxLxL, axis=-1).astype(dt)  # softmax in float32
-      o_BxLxHxK = heads(jnp.einsum("bhqs,bshk->bqhk", p_BxHxLxL, v_BxLxHxK))
-    out_BxLxD = jnp.einsum("blhk,hkd->bld", o_BxLxHxK, self.wo[...].astype(dt))
-    return constrain(out_BxLxD, ("batch", None, None))
+    qkv = (q_BxLxHxK, k_BxLxHxK, v_BxLxHxK)
+    if cfg.attention == "blockwise":
+      o_BxLxHxK = blockwise_attention(*qkv, block, segment_ids_BxL)
+    elif cfg.attention == "cudnn":
+      o_BxLxHxK = kernels.cudnn_attention(*qkv, segment_ids_BxL)
+    elif cfg.attention == "splash":
+      o_BxLxHxK = kernels.splash_attention(*qkv, segment_ids_BxL, block)
+    elif cfg.attention == "ring" and getattr(constrain, "mesh", None) is not None:
+      # The sequence may be in the load-balanced order (`Transformer`); within a document the
+      # positions grow with the original index, so (positions, segment ids) give the causal
+      # mask in any layout.
+      index_BxL = jnp.broadcast_to(positions_BxL, x_BxLxD.shape[:2])
+      o_BxLxHxK = ring.ring_attention(*qkv, index_BxL, segment_ids_BxL, constrain.mesh)
+    else:   # dense, and ring without a mesh (a ring of one device is dense attention)
+      o_BxLxHxK = dense_attention(*qkv, segment_ids_BxL)
+    out_BxLxD = jnp.einsum("blhk,hkd->bld", heads(o_BxLxHxK), self.wo[...].astype(dt))
+    return constrain(out_BxLxD, ("batch", "length", None))

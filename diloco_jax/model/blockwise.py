@@ -10,6 +10,12 @@ D = Σ_k dO·O per query, the probabilities are recomputed tile by tile from the
 log-sum-exp, dS = P ⊙ (dO·Vᵀ − D); one pass over query blocks accumulates dQ, one pass over key
 blocks accumulates dK and dV. Nothing of size [L, L] is ever materialised, in either direction.
 
+Document packing: with segment ids, key j is also masked out of query i's row unless they
+share a segment. A masked score is the float32 minimum, so a tile whose row is all masked only
+adds garbage that the first real score's correction factor exp(min − m) = 0 wipes out; every
+row reaches its own diagonal, so it always has one. (Tiles wholly across documents are still
+computed: only the causal skipping is structural.)
+
 Scores, softmax and accumulators are float32 whatever the input dtype; the output takes q's.
 """
 
@@ -34,22 +40,35 @@ def _unblocks(x_NxBxHxBqxK, dtype):
   return x_NxBxHxBqxK.transpose(1, 0, 3, 2, 4).reshape(B, n * b, H, K).astype(dtype)
 
 
-def _scores(q, k, i, j, scale):
-  """Tile (i, j) of the causal scores, [B, H, bq, bk] float32 (masked on the diagonal tile)."""
+def _segment_blocks(segment_ids_BxL, block):
+  """[B, L] -> [n, B, block], or None without segments."""
+  if segment_ids_BxL is None:
+    return None
+  B, L = segment_ids_BxL.shape
+  return segment_ids_BxL.reshape(B, L // block, block).transpose(1, 0, 2)
+
+
+def _scores(q, k, i, j, scale, seg_q=None, seg_k=None):
+  """Tile (i, j) of the causal scores, [B, H, bq, bk] float32 (masked on the diagonal tile, and
+  across documents when seg_q [B, bq] and seg_k [B, bk] are given)."""
   s = jnp.einsum("bhqk,bhsk->bhqs", q, k) * scale
   b = q.shape[2]
-  causal = jnp.arange(b)[:, None] >= jnp.arange(b)[None, :]
-  return jnp.where((j < i) | causal, s, _NEG)
+  keep = (j < i) | (jnp.arange(b)[:, None] >= jnp.arange(b)[None, :])
+  if seg_q is not None:
+    keep = keep & (seg_q[:, None, :, None] == seg_k[:, None, None, :])
+  return jnp.where(keep, s, _NEG)
 
 
-def _forward(q_blocks, k_blocks, v_blocks, scale):
+def _forward(q_blocks, k_blocks, v_blocks, seg_blocks, scale):
   """(o [n, B, H, b, K], lse [n, B, H, b]) by an online softmax over the key blocks 0..i."""
+  seg = (lambda i: seg_blocks[i]) if seg_blocks is not None else (lambda i: None)
+
   def query_block(i):
     q = q_blocks[i]
 
     def step(j, carry):
       m, l, acc = carry
-      s = _scores(q, k_blocks[j], i, j, scale)
+      s = _scores(q, k_blocks[j], i, j, scale, seg(i), seg(j))
       m_new = jnp.maximum(m, jnp.max(s, axis=-1))
       p = jnp.exp(s - m_new[..., None])
       correction = jnp.exp(m - m_new)
@@ -64,33 +83,42 @@ def _forward(q_blocks, k_blocks, v_blocks, scale):
   return jax.lax.map(query_block, jnp.arange(q_blocks.shape[0]))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def blockwise_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, block: int):
+def blockwise_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, block: int,
+                        segment_ids_BxL: jax.Array | None = None):
   """Causal softmax attention of q, k, v [B, L, H, K] (q unscaled), in tiles of `block`
-  positions (block must divide L). Equal to the dense softmax attention; see the module
-  docstring for the memory."""
-  o, _ = _forward(*(_blocks(x, block) for x in (q_BxLxHxK, k_BxLxHxK, v_BxLxHxK)),
-                  q_BxLxHxK.shape[-1] ** -0.5)
-  return _unblocks(o, q_BxLxHxK.dtype)
+  positions (block must divide L); with segment_ids [B, L] int, a query sees only the keys of
+  its own segment. Equal to the dense softmax attention; see the module docstring for the
+  memory."""
+  return _blockwise(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, segment_ids_BxL, block)
 
 
-def _fwd(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, block):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _blockwise(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, segment_ids_BxL, block):
+  return _fwd(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, segment_ids_BxL, block)[0]
+
+
+def _fwd(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, segment_ids_BxL, block):
   blocks = tuple(_blocks(x, block) for x in (q_BxLxHxK, k_BxLxHxK, v_BxLxHxK))
-  o, lse = _forward(*blocks, q_BxLxHxK.shape[-1] ** -0.5)
+  o, lse = _forward(*blocks, _segment_blocks(segment_ids_BxL, block),
+                    q_BxLxHxK.shape[-1] ** -0.5)
   # Saved: the inputs, the output and the log-sum-exp, O(L·K) each (the tiles are rebuilt).
-  return _unblocks(o, q_BxLxHxK.dtype), (q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, o, lse)
+  return (_unblocks(o, q_BxLxHxK.dtype),
+          (q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, segment_ids_BxL, o, lse))
 
 
 def _bwd(block, residuals, do_BxLxHxK):
-  q_in, k_in, v_in, o, lse = residuals
+  q_in, k_in, v_in, segment_ids_BxL, o, lse = residuals
   q_blocks, k_blocks, v_blocks = (_blocks(x, block) for x in (q_in, k_in, v_in))
+  seg_blocks = _segment_blocks(segment_ids_BxL, block)
+  seg = (lambda i: seg_blocks[i]) if seg_blocks is not None else (lambda i: None)
   n = q_blocks.shape[0]
   scale = q_blocks.shape[-1] ** -0.5
   do = _blocks(do_BxLxHxK, block)
   d = jnp.sum(do * o, axis=-1)   # D_i = Σ_k dO·O, [n, B, H, b]
 
   def probs_and_ds(i, j):
-    p = jnp.exp(_scores(q_blocks[i], k_blocks[j], i, j, scale) - lse[i][..., None])
+    s = _scores(q_blocks[i], k_blocks[j], i, j, scale, seg(i), seg(j))
+    p = jnp.exp(s - lse[i][..., None])   # masked: exp(min − lse) = 0
     dp = jnp.einsum("bhqk,bhsk->bhqs", do[i], v_blocks[j])
     return p, p * (dp - d[i][..., None])
 
@@ -111,7 +139,9 @@ def _bwd(block, residuals, do_BxLxHxK):
 
   dq = jax.lax.map(dq_block, jnp.arange(n))
   dk, dv = jax.lax.map(dkv_block, jnp.arange(n))
-  return _unblocks(dq, q_in.dtype), _unblocks(dk, k_in.dtype), _unblocks(dv, v_in.dtype)
+  # The segment ids are integers: no cotangent (None).
+  return (_unblocks(dq, q_in.dtype), _unblocks(dk, k_in.dtype), _unblocks(dv, v_in.dtype),
+          None)
 
 
-blockwise_attention.defvjp(_fwd, _bwd)
+_blockwise.defvjp(_fwd, _bwd)

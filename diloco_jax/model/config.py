@@ -11,7 +11,8 @@ from diloco_jax.model.moe import MoEConfig
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 _MLPS = ("swiglu", "gelu")
 REMAT = ("none", "block")
-ATTENTIONS = ("dense", "blockwise")
+ATTENTIONS = ("dense", "blockwise", "cudnn", "splash", "ring")
+ROPE_SCALINGS = ("none", "linear", "yarn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,8 +33,17 @@ class ModelConfig:
   dtype: str = "float32"  # activation/compute dtype; params are always float32.
   remat: str = "none"  # "block": recompute each block's activations in the backward pass.
   moe: MoEConfig | None = None  # a sparse MoE feed-forward in every moe.every-th block.
-  attention: str = "dense"  # "dense" ([L, L] scores) or "blockwise" (flash-style tiles).
-  attention_block: int = 128  # blockwise: positions per tile (must divide the sequence length).
+  # "dense" ([L, L] scores), "blockwise" (flash-style tiles, pure JAX), "cudnn" (the GPU fused
+  # kernel) or "splash" (the Pallas TPU kernel; interpreted, slowly, on other backends).
+  attention: str = "dense"
+  attention_block: int = 128  # blockwise/splash: positions per tile (must divide the length).
+  # RoPE for length (SPEC §6.2; the base itself is rope_base): "linear" is position
+  # interpolation (positions / s), "yarn" the per-frequency ramp plus the logit temperature.
+  rope_scaling: str = "none"
+  rope_scaling_factor: float = 1.0  # s = L_target / L_train >= 1.
+  rope_original_length: int = 0  # yarn: L_train, the length the model was trained at.
+  yarn_beta_fast: float = 32.0  # yarn: frequencies turning >= this often in L_train are kept.
+  yarn_beta_slow: float = 1.0  # yarn: those turning <= this often are interpolated fully.
 
   def __post_init__(self):
     for name in ("vocab_size", "num_layers", "d_model", "num_heads", "ffn_dim"):
@@ -58,8 +68,25 @@ class ModelConfig:
         or self.attention_block < 1):
       raise ValueError(f"model.attention_block must be an integer >= 1, got "
                        f"{self.attention_block!r}")
+    if self.rope_scaling not in ROPE_SCALINGS:
+      raise ValueError(f"model.rope_scaling must be one of {ROPE_SCALINGS}, got "
+                       f"{self.rope_scaling!r}")
+    if not isinstance(self.rope_scaling_factor, (int, float)) or self.rope_scaling_factor < 1:
+      raise ValueError(f"model.rope_scaling_factor must be a number >= 1, got "
+                       f"{self.rope_scaling_factor!r}")
+    if self.rope_scaling == "yarn":
+      if (not isinstance(self.rope_original_length, int) or self.rope_original_length < 1):
+        raise ValueError(f"model.rope_original_length must be an integer >= 1 (the training "
+                         f"length) with model.rope_scaling='yarn', got "
+                         f"{self.rope_original_length!r}")
+      if not 0 <= self.yarn_beta_slow < self.yarn_beta_fast:
+        raise ValueError(f"model.yarn_beta_slow ({self.yarn_beta_slow!r}) must be >= 0 and "
+                         f"below model.yarn_beta_fast ({self.yarn_beta_fast!r})")
     if self.dtype not in _DTYPES:
       raise ValueError(f"model.dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
+    if self.attention == "cudnn" and self.dtype != "bfloat16":
+      raise ValueError(f"model.attention='cudnn' needs model.dtype='bfloat16' (cuDNN's fused "
+                       f"attention takes 16-bit inputs only), got {self.dtype!r}")
     for name, ok, allowed in (("z_loss", self.z_loss >= 0, ">= 0"),
                               ("norm_eps", self.norm_eps > 0, "> 0"),
                               ("rope_base", self.rope_base > 1, "> 1")):

@@ -11,21 +11,44 @@ from diloco_jax.model.layers import _no_constraint
 from diloco_jax.model.transformer import apply
 
 
-def loss_fn(cfg: ModelConfig, params: dict, batch: jax.Array, constrain=_no_constraint, *,
+def loss_fn(cfg: ModelConfig, params: dict, batch, constrain=_no_constraint, *,
             train: bool = True) -> tuple[jax.Array, dict]:
-  """Loss on batch [B, L+1]: mean cross-entropy + z_loss · mean(logsumexp²), and with MoE
-  blocks + load_balance_weight · Σ_blocks balance loss + router_z_weight · Σ_blocks router
-  z-loss (summed over the MoE blocks as Switch/ST-MoE do; the logged values are per block and
-  their mean). Returns (loss, aux): "ce" and "z_loss" always, `moe_metrics` with MoE."""
-  inputs_BxL, targets_BxL = batch[:, :-1], batch[:, 1:]
-  logits_BxLxV, model_aux = apply(cfg, params, inputs_BxL, constrain, train=train)
+  """Loss on a batch of B windows of L + 1 tokens: the weighted mean cross-entropy + z_loss ·
+  mean(logsumexp²), and with MoE blocks + load_balance_weight · Σ_blocks balance loss +
+  router_z_weight · Σ_blocks router z-loss (summed over the MoE blocks as Switch/ST-MoE do; the
+  logged values are per block and their mean).
+
+  `batch` is either int32 [B, L+1] tokens (every target weighs 1) or a packed dict
+  (`diloco_jax.packing`): "tokens" [B, L+1] and optionally "segment_ids" and "positions"
+  [B, L+1] (passed to the model for the inputs) and "loss_weights" [B, L] (one per target).
+  With weights, the cross-entropy term is Σ w·ce / Σ w, while the reported "ce" stays the
+  plain mean over the targets that count (w > 0), comparable with an unweighted run.
+
+  Returns (loss, aux): "ce" and "z_loss" always, "ce_upweighted" (the mean cross-entropy of
+  the targets weighted above 1, e.g. retrieval answers) with weights, `moe_metrics` with MoE."""
+  packed = isinstance(batch, dict)
+  tokens = batch["tokens"] if packed else batch
+  inputs_BxL, targets_BxL = tokens[:, :-1], tokens[:, 1:]
+  extra = {k: batch[k][:, :-1] for k in ("positions", "segment_ids") if packed and k in batch}
+  logits_BxLxV, model_aux = apply(cfg, params, inputs_BxL, constrain, train=train, **extra)
   lse_BxL = jax.nn.logsumexp(logits_BxLxV, axis=-1)
   target_logit_BxL = jnp.take_along_axis(logits_BxLxV, targets_BxL[..., None], axis=-1)[..., 0]
-  ce = jnp.mean(lse_BxL - target_logit_BxL)
+  ce_BxL = lse_BxL - target_logit_BxL
   # z-loss pulls log Z towards 0, which keeps the logits from drifting (stability at scale).
   z = cfg.z_loss * jnp.mean(lse_BxL**2)
-  aux = {"ce": ce, "z_loss": z}
-  loss = ce + z
+  if packed and "loss_weights" in batch:
+    w_BxL = batch["loss_weights"].astype(jnp.float32)
+    counts_BxL = (w_BxL > 0).astype(jnp.float32)
+    ce = jnp.sum(ce_BxL * counts_BxL) / jnp.maximum(jnp.sum(counts_BxL), 1.0)
+    loss = jnp.sum(ce_BxL * w_BxL) / jnp.maximum(jnp.sum(w_BxL), 1e-9) + z
+    # The up-weighted targets on their own (retrieval answers): how well the model retrieves.
+    heavy_BxL = (w_BxL > 1).astype(jnp.float32)
+    aux = {"ce": ce, "z_loss": z,
+           "ce_upweighted": jnp.sum(ce_BxL * heavy_BxL) / jnp.maximum(jnp.sum(heavy_BxL), 1.0)}
+  else:
+    ce = jnp.mean(ce_BxL)
+    loss = ce + z
+    aux = {"ce": ce, "z_loss": z}
   if "moe" in model_aux:
     m = model_aux["moe"]
     loss = loss + (cfg.moe.load_balance_weight * jnp.sum(m["load_balance_loss"])

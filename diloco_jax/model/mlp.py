@@ -22,10 +22,10 @@ class Mlp(nnx.Module):
 
   def __call__(self, x_BxLxD: jax.Array, constrain=_no_constraint) -> jax.Array:
     dt = x_BxLxD.dtype
-    mlp = lambda y: constrain(y, ("batch", None, "mlp"))
+    mlp = lambda y: constrain(y, ("batch", "length", "mlp"))
     h_BxLxF = mlp(x_BxLxD @ self.w_up[...].astype(dt))
     if self.gated:
       h_BxLxF = jax.nn.silu(mlp(x_BxLxD @ self.w_gate[...].astype(dt))) * h_BxLxF
     else:
       h_BxLxF = jax.nn.gelu(h_BxLxF)
-    return constrain(h_BxLxF @ self.w_down[...].astype(dt), ("batch", None, None))
+    return constrain(h_BxLxF @ self.w_down[...].astype(dt), ("batch", "length", None))

@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from diloco_jax import mesh as mesh_lib
+from diloco_jax.model import ring
 from diloco_jax.model.attention import Attention
 from diloco_jax.model.config import _DTYPES, ModelConfig
 from diloco_jax.model.layers import RMSNorm, _no_constraint, _normal
@@ -50,8 +52,10 @@ class Block(nnx.Module):
     self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
     self.mlp = MoE(cfg.d_model, cfg.ffn_dim, cfg.moe, rngs) if sparse else Mlp(cfg, rngs)
 
-  def __call__(self, x_BxLxD: jax.Array, constrain=_no_constraint, train: bool = True):
-    x_BxLxD = x_BxLxD + self.attn(self.attn_norm(x_BxLxD), constrain)
+  def __call__(self, x_BxLxD: jax.Array, constrain=_no_constraint, train: bool = True,
+               positions_BxL: jax.Array | None = None, segment_ids_BxL: jax.Array | None = None):
+    x_BxLxD = x_BxLxD + self.attn(self.attn_norm(x_BxLxD), constrain, positions_BxL,
+                                  segment_ids_BxL)
     if isinstance(self.mlp, MoE):
       y_BxLxD, aux = self.mlp(self.mlp_norm(x_BxLxD), constrain, train=train)
       return x_BxLxD + y_BxLxD, aux
@@ -59,7 +63,8 @@ class Block(nnx.Module):
 
 
 class Transformer(nnx.Module):
-  """tokens [B, L] int -> (logits [B, L, V] float32, aux). aux is {} for a dense model; with
+  """tokens [B, L] int -> (logits [B, L, V] float32, aux), with optional positions and
+  segment ids [B, L] int for packed documents (see `apply`). aux is {} for a dense model; with
   MoE blocks, aux["moe"] holds each MoE block's auxiliaries stacked in block order (leading
   dimension: the MoE blocks, `cfg.moe_blocks`): load_balance_loss, router_z_loss,
   dropped_fraction, router_confidence [n], expert_load and mean_probs [n, E], experts
@@ -76,31 +81,48 @@ class Transformer(nnx.Module):
     if not cfg.tied_embeddings:
       self.unembed = _normal(rngs, (cfg.d_model, cfg.vocab_size), 0.02)  # [D, V]
 
-  def __call__(self, tokens_BxL: jax.Array, constrain=_no_constraint, train: bool = True):
+  def __call__(self, tokens_BxL: jax.Array, constrain=_no_constraint, train: bool = True,
+               positions_BxL: jax.Array | None = None, segment_ids_BxL: jax.Array | None = None):
     dt = _DTYPES[self.cfg.dtype]
     # The lookup reads whole rows: gather from the table whole (under FSDP/TP it is all-gathered
     # like every other weight); XLA cannot gather from a vocab-sharded table without first
     # replicating it anyway.
     table_VxD = constrain(self.embed[...], (None, None))
+    order = _context_order(self.cfg, constrain, tokens_BxL.shape[1])
+    if order is not None:
+      # Ring attention's load-balanced layout (ring.py): the sequence enters permuted, every
+      # position-wise layer is indifferent to it, attention masks by (position, segment), and
+      # the hidden states are put back in order before the unembedding.
+      perm, _ = order
+      if positions_BxL is None:
+        positions_BxL = jnp.arange(tokens_BxL.shape[1], dtype=jnp.int32)[None, :]
+      positions_BxL = jnp.broadcast_to(positions_BxL, tokens_BxL.shape)[:, perm]
+      tokens_BxL = tokens_BxL[:, perm]
+      if segment_ids_BxL is not None:
+        segment_ids_BxL = segment_ids_BxL[:, perm]
     x_BxLxD = jnp.take(table_VxD, tokens_BxL, axis=0).astype(dt)
-    x_BxLxD = constrain(x_BxLxD, ("batch", None, None))
+    x_BxLxD = constrain(x_BxLxD, ("batch", "length", None))
     if self.cfg.remat == "block":
-      x_BxLxD, moe_aux = self._scan_blocks(x_BxLxD, constrain, train)
+      x_BxLxD, moe_aux = self._scan_blocks(x_BxLxD, constrain, train, positions_BxL,
+                                           segment_ids_BxL)
     else:
       auxes = []
       for block in self.blocks:
-        x_BxLxD, aux = block(x_BxLxD, constrain, train)
+        x_BxLxD, aux = block(x_BxLxD, constrain, train, positions_BxL, segment_ids_BxL)
         auxes += [aux] if aux else []
       moe_aux = jax.tree.map(lambda *xs: jnp.stack(xs), *auxes) if auxes else {}
+    if order is not None:
+      x_BxLxD = constrain(x_BxLxD[:, order[1]], ("batch", "length", None))
     x_BxLxD = self.final_norm(x_BxLxD)
     w_DxV = self.embed[...].T if self.cfg.tied_embeddings else self.unembed[...]
     # Accumulate in float32: the softmax over 32k classes and the z-loss need full precision.
     logits = jnp.einsum("bld,dv->blv", x_BxLxD, w_DxV.astype(dt),
                         preferred_element_type=jnp.float32)
-    return constrain(logits, ("batch", None, "vocab")), ({"moe": moe_aux} if moe_aux else {})
+    return constrain(logits, ("batch", "length", "vocab")), ({"moe": moe_aux} if moe_aux else {})
 
 
-  def _scan_blocks(self, x_BxLxD: jax.Array, constrain, train: bool):
+  def _scan_blocks(self, x_BxLxD: jax.Array, constrain, train: bool, positions_BxL=None,
+                   segment_ids_BxL=None):
     """The blocks as a scan over their stacked weights, each step under jax.checkpoint: the
     backward pass keeps only each block's input and recomputes the rest. (Unrolled blocks
     under jax.checkpoint do not save memory on XLA: its scheduler is free to run every
@@ -118,11 +140,22 @@ class Transformer(nnx.Module):
     def body(x, states):
       aux = {}
       for graphdef, state in zip(graphdefs, states):
-        x, aux = nnx.merge(graphdef, state)(x, constrain, train)
+        # positions and segments are closed over: constants of every step, not scanned.
+        x, aux = nnx.merge(graphdef, state)(x, constrain, train, positions_BxL, segment_ids_BxL)
       return x, aux   # the period's last block is its only sparse one
 
     x_BxLxD, aux = jax.lax.scan(jax.checkpoint(body), x_BxLxD, stacked)
     return x_BxLxD, aux
+
+
+def _context_order(cfg: ModelConfig, constrain, L: int):
+  """(permutation, inverse) of the load-balanced sequence layout when ring attention runs over
+  a context axis of more than one device (`ring.load_balance_permutation`), else None."""
+  mesh = getattr(constrain, "mesh", None)
+  if cfg.attention != "ring" or mesh is None or mesh_lib.axis_size(mesh, mesh_lib.CONTEXT) < 2:
+    return None
+  perm = ring.load_balance_permutation(L, mesh_lib.axis_size(mesh, mesh_lib.CONTEXT))
+  return perm, ring.inverse_permutation(perm)
 
 
 def init_params(cfg: ModelConfig, rng: jax.Array) -> dict:
@@ -138,8 +171,14 @@ def _abstract(cfg: ModelConfig):
 
 
 def apply(cfg: ModelConfig, params: dict, tokens_BxL: jax.Array,
-          constrain=_no_constraint, *, train: bool = True) -> tuple[jax.Array, dict]:
+          constrain=_no_constraint, *, train: bool = True, positions: jax.Array | None = None,
+          segment_ids: jax.Array | None = None) -> tuple[jax.Array, dict]:
   """Pure forward pass: (logits [B, L, V] float32, aux). Safe under jit, vmap and grad.
+
+  Document packing (`diloco_jax.packing`): `positions` int [B, L] are the RoPE positions (None:
+  0..L-1 in every row; packed, they restart at each document) and `segment_ids` int [B, L] the
+  document of each token (None: one per row). Query i attends to key j iff j <= i and both
+  have the same segment id, so nothing crosses a document boundary.
 
   aux is explicit (no side channel): {} for a dense model, {"moe": ...} with the MoE blocks'
   auxiliary losses and router statistics (see `Transformer`). `train=False` uses the MoE's
@@ -153,7 +192,7 @@ def apply(cfg: ModelConfig, params: dict, tokens_BxL: jax.Array,
   graphdef, abstract_state = _abstract(cfg)
   state = jax.tree.map(lambda x: x, abstract_state)  # a fresh copy: the cached one is never filled
   nnx.replace_by_pure_dict(state, params)
-  return nnx.merge(graphdef, state)(tokens_BxL, constrain, train)
+  return nnx.merge(graphdef, state)(tokens_BxL, constrain, train, positions, segment_ids)
 
 
 @functools.lru_cache(maxsize=32)

@@ -31,9 +31,19 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.model.dtype = "float32"        # compute dtype ("float32", "bfloat16"); params are fp32
   c.model.remat = "none"           # "none" or "block": recompute each block's activations in
                                    # the backward pass (less activation memory, more compute)
-  c.model.attention = "dense"      # "dense" ([L, L] scores) or "blockwise" (flash-style tiles,
-                                   # O(L·block) memory, the same numbers to 1e-5)
-  c.model.attention_block = 128    # blockwise: positions per tile; must divide data.seq_len
+  c.model.attention = "dense"      # "dense" ([L, L] scores), "blockwise" (flash-style tiles,
+                                   # O(L·block) memory, the same numbers to 1e-5), "cudnn"
+                                   # (GPU kernel), "splash" (TPU kernel), "ring" (the sequence
+                                   # split over mesh.context)
+  c.model.attention_block = 128    # blockwise/splash: positions per tile; must divide seq_len
+  # RoPE for length (SPEC §6.2): the base (0: 10000), and "linear" (position interpolation:
+  # positions / s) or "yarn" (per-frequency ramp and logit temperature) with factor s.
+  c.model.rope_base = 0.0
+  c.model.rope_scaling = "none"
+  c.model.rope_scaling_factor = 1.0
+  c.model.rope_original_length = 0  # yarn: the training length
+  c.model.yarn_beta_fast = 32.0
+  c.model.yarn_beta_slow = 1.0
   c.model.d_model = 0              # 0: the preset's (also num_heads, ffn_dim)
   c.model.num_heads = 0
   c.model.ffn_dim = 0
@@ -77,6 +87,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.train.b2 = 0.99
   c.train.grad_clip = 1.0          # global-norm clip of inner gradients; 0: off
   c.train.log_every = 20           # steps between progress lines / metrics rows
+  c.train.init_from = ""           # a finished run's workdir: start from its latest outer
+                                   # params, fresh optimizer state ("train short, continue long")
 
   c.data = ml_collections.ConfigDict()
   c.data.source = "synthetic"      # "synthetic" (embedded, no files) or "text" (UTF-8 bytes)
@@ -84,6 +96,15 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.data.seq_len = 64              # L, tokens per sequence
   c.data.vocab_size = 128          # synthetic vocabulary
   c.data.num_classes = 16          # synthetic word classes (its hidden syntax)
+  # text: needle-in-a-haystack episodes packed into a fraction of the training windows
+  # (diloco_jax/retrieval.py; the held-out loss stays plain text).
+  c.data.retrieval = ml_collections.ConfigDict()
+  c.data.retrieval.fraction = 0.0          # of training windows that are episode packs
+  c.data.retrieval.variants = ("single",)  # "single", "multikey", "multivalue", "multiquery"
+  c.data.retrieval.num_needles = 4         # needles of the multi-needle variants
+  c.data.retrieval.value_digits = 7        # digits of each needle's number (RULER)
+  c.data.retrieval.min_length = 64         # shortest episode prompt, bytes
+  c.data.retrieval.answer_weight = 5.0     # loss weight of the answer bytes (others 1)
 
   c.eval = ml_collections.ConfigDict()
   c.eval.every_steps = 100         # 0: only at the end
@@ -99,6 +120,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.mesh.data = 1                  # devices per worker for its batch
   c.mesh.model = 1                 # devices per worker for the model
   c.mesh.expert = 1                # devices per worker over which the experts are split
+  c.mesh.context = 1               # devices per worker over which the sequence is split (ring
+                                   # attention, model.attention="ring")
   c.mesh.num_cpu_devices = 0       # simulated host devices on CPU; 0: M * data * expert * model
 
   if arg == "tiny":
