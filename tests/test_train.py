@@ -210,3 +210,26 @@ def test_metrics_writer_writes_non_finite_values_as_null_and_truncates_on_resume
                                   {"step": 2, "train_loss": 1.0}]
   metrics.MetricsWriter(str(tmp_path), resume_step=1, tensorboard=False).close()
   assert [r["step"] for r in _rows(str(tmp_path))] == [1]
+
+
+def test_init_from_starts_from_another_runs_outer_params(tmp_path):
+  """train.init_from: the new run's initial params are the old run's final outer params (here
+  continued at twice the sequence length); a model of other shapes is refused in one sentence."""
+  from diloco_jax.evals import workdir as workdir_lib
+  short = str(tmp_path / "short")
+  train.run(small_config(**{"train.num_steps": 4, "eval.every_steps": 0}), short)
+  want, _ = workdir_lib.restore_params(short, workdir_lib.load_run_config(short), "outer")
+  like = model_lib.init_params(config_lib.from_config_dict(small_config()).model,
+                               jax.random.key(1))
+  got = train._initial_params(short, like)
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_array_equal(g, w)
+  long = small_config(**{"train.num_steps": 2, "data.seq_len": 32, "eval.every_steps": 0,
+                         "train.init_from": short})
+  train.run(long, str(tmp_path / "long"))
+  deeper = model_lib.init_params(config_lib.from_config_dict(
+      small_config(**{"model.num_layers": 3})).model, jax.random.key(1))
+  with pytest.raises(config_lib.ConfigError, match="holds a model of other shapes"):
+    train._initial_params(short, deeper)
+  with pytest.raises(config_lib.ConfigError, match="is not a training run's workdir"):
+    config_lib.from_config_dict(small_config(**{"train.init_from": str(tmp_path)}))
