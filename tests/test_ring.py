@@ -189,23 +189,3 @@ def test_bad_context_configs_name_the_key():
     with pytest.raises(config_lib.ConfigError, match=match):
       config_lib.from_config_dict(apply(small_config(), overrides))
 
-
-def test_a_diloco_run_over_a_context_axis_equals_the_dense_run(tmp_path):
-  """train.run end to end with M=2 workers × context=2 (ring attention inside each worker,
-  under the algorithm's worker vmap) gives the dense run's losses."""
-  import json
-  import os
-  from diloco_jax import train
-  from tests.overrides import apply
-  from tests.test_train import small_config
-
-  def losses(name, **overrides):
-    wd = str(tmp_path / name)
-    train.run(apply(small_config(**{"train.num_steps": 8, "eval.every_steps": 0,
-                                    "checkpoint.every_steps": 0}), overrides), wd)
-    with open(os.path.join(wd, "metrics.jsonl")) as f:
-      return [json.loads(line)["train_loss"] for line in f]
-
-  want = losses("dense")
-  got = losses("ring", **{"model.attention": "ring", "mesh.context": 2})
-  np.testing.assert_allclose(got, want, rtol=2e-5)
