@@ -52,8 +52,15 @@ class DilocoState(struct.PyTreeNode):
     outer_opt_state: tuple of P optax states, fragment p's over the list of its leaves.
     inflight:        tuple of P lists of fp32 leaves (no worker dim) — the all-reduced Δ_p sent and
                      not yet merged; empty tuple when τ=0 (send and receive are one program).
+                     With a one-round delay (`delay`), the mean sent at the fragment's last
+                     sync, applied at its next one.
     residual:        list of fp32 leaves [M, ...] — error-feedback quantization residuals, or ().
+    sent:            eager updates only, else (): tuple of P lists of fp32 leaves [M, ...] — what
+                     each worker put into the in-flight mean, Q(Δ_{m,p}(r−1)).
     rng:             PRNG key for stochastic rounding.
+
+  With eager updates every worker keeps its own outer copy and outer optimizer state (leaves
+  [M, ...] in `outer_params` and `outer_opt_state`): each applies its own proxy Δ̂_m.
   """
 
   step: jax.Array
@@ -63,7 +70,16 @@ class DilocoState(struct.PyTreeNode):
   outer_opt_state: tuple
   inflight: tuple
   residual: tuple
+  sent: tuple
   rng: jax.Array
+
+
+# How a sync's all-reduce meets the outer step (SPEC §5). "none": the mean is applied when it
+# arrives, τ steps after the send (Algorithm 2). "naive" and "eager": the all-reduce overlaps a
+# whole round of H steps, so the mean sent at a fragment's round r is applied at its round r+1;
+# "naive" applies that one-round-stale mean as it is, "eager" a proxy built from the worker's
+# own fresh Δ and the others' stale ones (outer.eager_proxy).
+DELAYS = ("none", "naive", "eager")
 
 
 class StreamingDiLoCo:
@@ -94,6 +110,8 @@ class StreamingDiLoCo:
     sync_every: {fragment name: period}: fragments synced every k inner steps (k dividing H)
       instead of every H, outside the staggering (e.g. {"router": 10} with the MoE routers split
       into their own fragment by `fragments.split_out`); default: every fragment every H.
+    delay: "none", or "naive" / "eager": the outer all-reduce overlaps a whole round (see
+      DELAYS and docs/design.md "Eager updates"); needs τ = 0 and no offloading.
   """
 
   def __init__(self, loss_fn: LossFn, inner_opt: optax.GradientTransformation,
@@ -101,7 +119,8 @@ class StreamingDiLoCo:
                mesh: Mesh | None = None, fragments=None, overlap_steps: int | Sequence[int] = 0,
                merge_alpha: float = 0.0, codec: Codec | str = "fp32", wire: str = "reference",
                error_feedback: bool = False, max_steps_in_flight: int = 2,
-               param_specs=None, offload_outer: bool = False, sync_every=None):
+               param_specs=None, offload_outer: bool = False, sync_every=None,
+               delay: str = "none"):
     if num_workers < 1:
       raise ValueError(f"diloco.num_workers (M) must be at least 1, got {num_workers}")
     if inner_steps < 1:
@@ -115,6 +134,13 @@ class StreamingDiLoCo:
                                            for x in taus):
       raise ValueError(f"diloco.overlap_steps (τ) must be an integer, or one per worker "
                        f"(M={num_workers}), each with 0 <= τ < H={inner_steps}; got {overlap_steps!r}")
+    if delay not in DELAYS:
+      raise ValueError(f"the outer delay must be one of {DELAYS}, got {delay!r}")
+    if delay != "none" and (any(taus) or offload_outer):
+      raise ValueError("diloco.eager and diloco.delayed overlap the all-reduce with a whole "
+                       "outer round (H steps); they need diloco.overlap_steps=0 for every "
+                       "worker and diloco.offload_outer=False")
+    self.delay = delay
     self.loss_fn = loss_fn
     self.inner_opt = inner_opt
     self.outer_opt = outer_opt
@@ -140,10 +166,11 @@ class StreamingDiLoCo:
     """Fixes the fragments, the schedule and the state's layout from the params' structure
     (static Python; `params` may be abstract). `init` calls it; `aot` calls it alone."""
     # A re-init (possibly with another params structure) starts from fresh programs.
-    for name in ("_inner_step", "_sync", "_send", "_receive_first", "_receive_late",
-                 "_to_device_copy"):
+    for name in ("_inner_step", "_sync", "_flush", "_send", "_receive_first", "_receive_late",
+                 "_to_device_copy", "_outer_mean"):
       self.__dict__.pop(name, None)
     self._last_t = None
+    self._memo = {}   # the delayed syncs' programs, by (kind, fragment, static flags)
     self._bound.reset()
     f = self._fragments_arg
     if f is None:
@@ -181,18 +208,26 @@ class StreamingDiLoCo:
       stack = lambda x: jnp.broadcast_to(x[None], (self.M,) + x.shape)
       local = jax.tree.map(stack, params)
       inner_state = jax.vmap(self.inner_opt.init)(local)
-      outer_states = tuple(self.outer_opt.init(f.select(params, p)) for p in range(f.num_fragments))
-      inflight = () if self.tau_first == 0 else tuple(
-          [jnp.zeros(x.shape, jnp.float32) for x in f.select(params, p)]
-          for p in range(f.num_fragments))
+      eager = self.delay == "eager"
+      outer_params = local if eager else params   # eager: one outer copy per worker
+      outer_init = jax.vmap(self.outer_opt.init) if eager else self.outer_opt.init
+      outer_states = tuple(outer_init(f.select(outer_params, p)) for p in range(f.num_fragments))
+      zeros = lambda lead: tuple([jnp.zeros(lead + x.shape, jnp.float32)
+                                  for x in f.select(params, p)] for p in range(f.num_fragments))
+      inflight = zeros(()) if self._has_inflight else ()
       residual = tuple(jnp.zeros((self.M,) + x.shape, jnp.float32)
                        for x in jax.tree.leaves(params)) if self.error_feedback else ()
       return DilocoState(step=jnp.zeros((), jnp.int32), local_params=local,
-                         inner_opt_state=inner_state, outer_params=params,
+                         inner_opt_state=inner_state, outer_params=outer_params,
                          outer_opt_state=outer_states, inflight=inflight, residual=residual,
-                         rng=rng)
+                         sent=zeros((self.M,)) if eager else (), rng=rng)
 
     return jax.jit(build, out_shardings=self.layout.home_state())(params, rng)
+
+  @property
+  def _has_inflight(self) -> bool:
+    """Whether means wait between programs: τ ≥ 1, or a one-round delay."""
+    return self.tau_first > 0 or self.delay != "none"
 
   def state_shardings(self) -> DilocoState:
     """The sharding of every state field (where it lives between programs), after init."""
@@ -222,7 +257,13 @@ class StreamingDiLoCo:
   def _reduce(self, p: int, outer_p: list, local_p: list, residual_p: list, rng):
     """The send: Δ_p = mean_m Q(θ_{g,p} − θ_{m,p} [+ residual]) in fp32, and diagnostics."""
     outer_p = self.layout.to_device(outer_p, self.layout.frag("outer", p))
-    delta = outer.outer_gradient(outer_p, local_p)
+    mean, _, residual_p, rng, metrics = self._all_reduce(
+        p, outer.outer_gradient(outer_p, local_p), residual_p, rng)
+    return mean, residual_p, rng, metrics
+
+  def _all_reduce(self, p: int, delta: list, residual_p: list, rng):
+    """mean_m Q(Δ_m [+ residual]) in fp32 from the workers' Δ_m [M, ...]; also returns what
+    each worker sent (dequantized), the new residuals, the rng and the diagnostics."""
     rng, sub = jax.random.split(rng)
     if self.error_feedback:
       delta = [d + r for d, r in zip(delta, residual_p)]
@@ -236,7 +277,7 @@ class StreamingDiLoCo:
       residual_p = [d - s for d, s in zip(delta, sent)]
     if self.M > 1:   # pairwise cosine of the outer gradients as sent
       metrics[f"outer_grad_cosine/{p}"] = outer.pairwise_cosine(mean, sq_norms)
-    return mean, residual_p, rng, metrics
+    return mean, sent, residual_p, rng, metrics
 
   def _send_shardings(self, p: int):
     """out_shardings of a send: (in-flight mean, residuals, rng, metrics)."""
@@ -261,19 +302,31 @@ class StreamingDiLoCo:
     mean = lay.to_device(mean, lay.frag("inflight", p))
     return outer.outer_update(self.outer_opt, outer_p, opt_p, mean)
 
-  @functools.cached_property
-  def _sync(self):
-    """min τ = 0: send, outer step and the τ=0 workers' merge of fragment p as one program."""
+  def _blocking_syncs(self, every_worker: bool) -> list:
+    """Per fragment p, one program: send, outer step and merge (no overlap). The merge is the
+    τ=0 workers' (a regular sync with min τ = 0), or every worker's (the final sync)."""
     lay = self.layout
 
     def sync(p, outer_p, local_p, opt_p, residual_p, rng):
       mean, residual_p, rng, metrics = self._reduce(p, outer_p, local_p, residual_p, rng)
       g, opt_p = self._outer_step(p, outer_p, opt_p, mean)
-      return g, self._merge_workers(local_p, g, 0), opt_p, residual_p, rng, metrics
+      local_p = (outer.merge(local_p, g, self.alpha) if every_worker
+                 else self._merge_workers(local_p, g, 0))
+      return g, local_p, opt_p, residual_p, rng, metrics
 
     return [jax.jit(functools.partial(sync, p), donate_argnums=(0, 1, 2, 3), out_shardings=(
         lay.home_frag("outer", p), lay.frag("local", p), lay.home_outer_opt(p),
         *self._send_shardings(p)[1:])) for p in range(self.fragments.num_fragments)]
+
+  @functools.cached_property
+  def _sync(self):
+    """min τ = 0: send, outer step and the τ=0 workers' merge of fragment p as one program."""
+    return self._blocking_syncs(every_worker=False)
+
+  @functools.cached_property
+  def _flush(self):
+    """The final sync of fragment p: send, outer step, every worker's merge, blocking."""
+    return self._blocking_syncs(every_worker=True)
 
   @functools.cached_property
   def _send(self):
@@ -307,6 +360,120 @@ class StreamingDiLoCo:
             for d in sorted(set(self.taus)) if d != self.tau_first
             for p in range(self.fragments.num_fragments)}
 
+  # ------------------------------------------- one-round delay: naive and eager (SPEC §5)
+  def _delayed_outer_step(self, outer_p, opt_p, grad):
+    """The outer step of a delayed sync: on the shared θ_g (naive) or on every worker's own
+    outer copy with its own gradient (eager; leaves [M, ...])."""
+    if self.delay == "naive":
+      return outer.outer_update(self.outer_opt, outer_p, opt_p, grad)
+    return jax.vmap(functools.partial(outer.outer_update, self.outer_opt))(outer_p, opt_p, grad)
+
+  def _delayed_merge(self, local_p, g):
+    return (outer.merge if self.delay == "naive" else outer.merge_own)(local_p, g, self.alpha)
+
+  def _delta(self, outer_p, local_p):
+    """Δ_m = θ_g − θ_m, from the shared outer copy or (eager) from worker m's own."""
+    if self.delay == "eager":
+      return [g.astype(jnp.float32) - w.astype(jnp.float32) for g, w in zip(outer_p, local_p)]
+    return outer.outer_gradient(outer_p, local_p)
+
+  def _delayed_program(self, p: int, first: bool):
+    """Fragment p's sync at a round r with the all-reduce overlapping a whole round: sends
+    Q(Δ_m(r)) (its mean lands at round r+1), then the outer step on what is known now, then the
+    merge, in one program. naive: θ_g ← OuterOpt(θ_g, Δ̄(r−1)), nothing at round 1 (`first`);
+    eager: every worker m steps its own copy with Δ̂_m(r) (outer.eager_proxy)."""
+    key = ("delayed", p, first)
+    if key not in self._memo:
+      lay = self.layout
+
+      def sync(outer_p, local_p, opt_p, mean_prev, sent_prev, residual_p, rng):
+        delta = self._delta(outer_p, local_p)
+        mean, sent, residual_p, rng, metrics = self._all_reduce(p, delta, residual_p, rng)
+        if self.delay == "eager":
+          g, opt_p = self._delayed_outer_step(outer_p, opt_p,
+                                              outer.eager_proxy(delta, mean_prev, sent_prev))
+        elif first:   # nothing has arrived yet
+          g = outer_p
+        else:
+          g, opt_p = self._delayed_outer_step(outer_p, opt_p, mean_prev)
+        eager_sent = sent if self.delay == "eager" else []
+        return g, self._delayed_merge(local_p, g), opt_p, mean, eager_sent, residual_p, rng, metrics
+
+      self._memo[key] = jax.jit(sync, donate_argnums=(0, 1, 2, 3, 4, 5), out_shardings=(
+          lay.frag("outer", p), lay.frag("local", p), lay.outer_opt[p], lay.frag("inflight", p),
+          lay.frag("sent", p) if self.delay == "eager" else [],
+          *self._send_shardings(p)[1:]))
+    return self._memo[key]
+
+  def _delayed_final_program(self, p: int, pending: bool, fresh: bool):
+    """The final sync of fragment p with a one-round delay, blocking (nothing is left to
+    overlap with). With `fresh` (inner steps since the last send) the fresh Δ_m are
+    all-reduced at once. naive: the in-flight mean Δ̄(R) lands (if `pending`), then the fresh
+    mean, each as its round's outer step. eager: the round that would have come next, Δ̂_m =
+    Δ_m/M + the others' part of Δ̄(R), then the others' part of the fresh mean; without fresh
+    steps only the others' part of Δ̄(R) remains. With one worker there are no others, so
+    eager's final sync is DiLoCo's. Then, if θ_g moved, every worker merges."""
+    key = ("final", p, pending, fresh)
+    if key not in self._memo:
+      lay = self.layout
+      eager, M = self.delay == "eager", self.M
+      others = lambda mean, sent: [m[None] - q / M for m, q in zip(mean, sent)]
+
+      def final(outer_p, local_p, opt_p, mean_prev, sent_prev, residual_p, rng):
+        metrics, g = {}, outer_p
+        if fresh:
+          delta = self._delta(outer_p, local_p)
+          mean, sent, residual_p, rng, metrics = self._all_reduce(p, delta, residual_p, rng)
+        if eager:
+          if fresh:
+            g, opt_p = self._delayed_outer_step(g, opt_p, outer.eager_proxy(delta, mean_prev,
+                                                                             sent_prev))
+          if M > 1:
+            g, opt_p = self._delayed_outer_step(
+                g, opt_p, others(mean, sent) if fresh else others(mean_prev, sent_prev))
+        else:
+          if pending:
+            g, opt_p = self._delayed_outer_step(g, opt_p, mean_prev)
+          if fresh:
+            g, opt_p = self._delayed_outer_step(g, opt_p, mean)
+        if g is not outer_p:   # an outer step happened (not so for eager, M = 1, sent at T)
+          local_p = self._delayed_merge(local_p, g)
+        return g, local_p, opt_p, residual_p, rng, metrics
+
+      self._memo[key] = jax.jit(final, donate_argnums=(0, 1, 2, 5), out_shardings=(
+          lay.frag("outer", p), lay.frag("local", p), lay.outer_opt[p],
+          *self._send_shardings(p)[1:]))
+    return self._memo[key]
+
+  def _delayed_args(self, state: DilocoState, p: int) -> tuple:
+    f = self.fragments
+    return (f.select(state.outer_params, p), f.select(state.local_params, p),
+            state.outer_opt_state[p], state.inflight[p],
+            state.sent[p] if self.delay == "eager" else [], self._residual(state, p), state.rng)
+
+  def _delayed_sync(self, state: DilocoState, p: int, t: int) -> tuple[DilocoState, dict]:
+    f = self.fragments
+    first = self.schedule.last_send(p, t - 1) is None
+    g, local_p, opt_p, mean, sent, residual_p, rng, m = self._delayed_program(
+        p, first and self.delay == "naive")(*self._delayed_args(state, p))
+    state = state.replace(
+        outer_params=f.merge_into(state.outer_params, p, g),
+        local_params=f.merge_into(state.local_params, p, local_p),
+        outer_opt_state=_replace_at(state.outer_opt_state, p, opt_p),
+        inflight=_replace_at(state.inflight, p, mean), rng=rng,
+        sent=_replace_at(state.sent, p, sent) if self.delay == "eager" else ())
+    return self._keep_residual(state, p, residual_p), m
+
+  def _delayed_final(self, state: DilocoState, p: int, t: int) -> tuple[DilocoState, dict]:
+    f = self.fragments
+    last = self.schedule.last_send(p, t)
+    g, local_p, opt_p, residual_p, rng, m = self._delayed_final_program(
+        p, last is not None, last != t)(*self._delayed_args(state, p))
+    state = state.replace(outer_params=f.merge_into(state.outer_params, p, g),
+                          local_params=f.merge_into(state.local_params, p, local_p),
+                          outer_opt_state=_replace_at(state.outer_opt_state, p, opt_p), rng=rng)
+    return self._keep_residual(state, p, residual_p), m
+
   # ------------------------------------------------------------------------------- host loop
   def step(self, state: DilocoState, batch_MxB: jax.Array, t: int):
     """Inner step t (1-based) for all workers, then what the static schedule puts at t: merges
@@ -334,57 +501,140 @@ class StreamingDiLoCo:
       if d == 0 or t - d < 1:
         continue
       for p in self.schedule.sends(t - d):
-        local_p = f.select(state.local_params, p)
-        if d == self.tau_first:
-          g, local_p, opt_p = self._receive_first[p](
-              f.select(state.outer_params, p), local_p, state.outer_opt_state[p],
-              state.inflight[p])
-          state = state.replace(outer_params=f.merge_into(state.outer_params, p, g),
-                                outer_opt_state=_replace_at(state.outer_opt_state, p, opt_p))
-        else:
-          local_p = self._receive_late[d, p](local_p, f.select(state.outer_params, p))
-        state = state.replace(local_params=f.merge_into(state.local_params, p, local_p))
+        state = self._receive(state, p, d)
     for p in self.schedule.sends(t):   # sends
-      outer_p, local_p = f.select(state.outer_params, p), f.select(state.local_params, p)
-      residual_p = [state.residual[i] for i in f.leaf_indices(p)] if self.error_feedback else []
-      if self.tau_first == 0:
-        g, local_p, opt_p, residual_p, rng, m = self._sync[p](
-            outer_p, local_p, state.outer_opt_state[p], residual_p, state.rng)
-        state = state.replace(outer_params=f.merge_into(state.outer_params, p, g),
-                              local_params=f.merge_into(state.local_params, p, local_p),
-                              outer_opt_state=_replace_at(state.outer_opt_state, p, opt_p))
+      if self.delay != "none":
+        state, m = self._delayed_sync(state, p, t)
+      elif self.tau_first == 0:
+        state, m = self._blocking_sync(self._sync[p], state, p)
       else:
-        mean, residual_p, rng, m = self._send[p](outer_p, local_p, residual_p, state.rng)
-        state = state.replace(inflight=_replace_at(state.inflight, p, mean))
-      if self.error_feedback:
-        state = state.replace(residual=_scatter(state.residual, f.leaf_indices(p), residual_p))
-      state = state.replace(rng=rng)
+        outer_p, local_p = f.select(state.outer_params, p), f.select(state.local_params, p)
+        mean, residual_p, rng, m = self._send[p](outer_p, local_p, self._residual(state, p),
+                                                 state.rng)
+        state = self._keep_residual(state.replace(inflight=_replace_at(state.inflight, p, mean),
+                                                  rng=rng), p, residual_p)
       metrics.update(m)
     return state, metrics
 
-  def programs(self, state: DilocoState, batch_MxB) -> list[tuple[str, Any, tuple]]:
+  def final_sync(self, state: DilocoState, t: int) -> tuple[DilocoState, dict]:
+    """The end of a run after inner step t (`train.final_sync`): every fragment's outer copy
+    θ_{g,p} takes in every inner step up to t, so the evaluated θ_g is not up to H steps stale.
+
+    First the receives still pending at t (fragments sent at s > t − τ_m) complete, as they
+    would have τ_m steps later (the outer step on the in-flight mean, then the merges). Then
+    every fragment that has trained since its latest send (sent before t, or never) syncs once
+    more, blocking: Δ_p = mean_m Q(θ_{g,p} − θ_{m,p}), θ_{g,p} ← OuterOpt_p(θ_{g,p}, Δ_p), and
+    every worker merges with α. A fragment sent at t itself has nothing new and is not sent
+    again (an outer step on Δ = 0 would still move θ_g by the momentum). What this sends:
+    `final_bits(t)`. Returns (state, that sync's diagnostics)."""
+    if self.schedule is None:
+      raise RuntimeError("call init(params) before final_sync()")
+    metrics = {}
+    if self.delay != "none":   # every fragment has a mean in flight once it has been sent
+      for p in range(self.fragments.num_fragments):
+        state, m = self._delayed_final(state, p, t)
+        metrics.update(m)
+      return state, metrics
+    for p in self.schedule.in_flight(t):   # oldest send first, as they would have landed
+      s = self.schedule.last_send(p, t)
+      for d in sorted(set(self.taus)):
+        if d and s + d > t:
+          state = self._receive(state, p, d)
+    for p in self._flushed(t):
+      state, m = self._blocking_sync(self._flush[p], state, p)
+      metrics.update(m)
+    return state, metrics
+
+  def _flushed(self, t: int) -> tuple[int, ...]:
+    """The fragments the final sync after step t sends: those not sent at t itself."""
+    return tuple(p for p in range(self.fragments.num_fragments)
+                 if self.schedule.last_send(p, t) != t)
+
+  def final_bits(self, t: int) -> int:
+    """Bits one worker sends in the final sync after step t: one more payload of each fragment
+    not sent at t (the pending receives were counted when they were sent)."""
+    return sum(self.fragment_bits[p] for p in self._flushed(t))
+
+  def _residual(self, state: DilocoState, p: int) -> list:
+    f = self.fragments
+    return [state.residual[i] for i in f.leaf_indices(p)] if self.error_feedback else []
+
+  def _keep_residual(self, state: DilocoState, p: int, residual_p: list) -> DilocoState:
+    if not self.error_feedback:
+      return state
+    return state.replace(residual=_scatter(state.residual, self.fragments.leaf_indices(p),
+                                           residual_p))
+
+  def _receive(self, state: DilocoState, p: int, d: int) -> DilocoState:
+    """Fragment p's receive by the workers with τ_m = d: the first one (min τ) also makes the
+    outer step on the in-flight mean; later ones merge the already-updated θ_{g,p}."""
+    f = self.fragments
+    local_p = f.select(state.local_params, p)
+    if d == self.tau_first:
+      g, local_p, opt_p = self._receive_first[p](
+          f.select(state.outer_params, p), local_p, state.outer_opt_state[p], state.inflight[p])
+      state = state.replace(outer_params=f.merge_into(state.outer_params, p, g),
+                            outer_opt_state=_replace_at(state.outer_opt_state, p, opt_p))
+    else:
+      local_p = self._receive_late[d, p](local_p, f.select(state.outer_params, p))
+    return state.replace(local_params=f.merge_into(state.local_params, p, local_p))
+
+  def _blocking_sync(self, program, state: DilocoState, p: int) -> tuple[DilocoState, dict]:
+    """Runs one of `_blocking_syncs`' programs for fragment p on the state."""
+    f = self.fragments
+    g, local_p, opt_p, residual_p, rng, m = program(
+        f.select(state.outer_params, p), f.select(state.local_params, p),
+        state.outer_opt_state[p], self._residual(state, p), state.rng)
+    state = state.replace(outer_params=f.merge_into(state.outer_params, p, g),
+                          local_params=f.merge_into(state.local_params, p, local_p),
+                          outer_opt_state=_replace_at(state.outer_opt_state, p, opt_p), rng=rng)
+    return self._keep_residual(state, p, residual_p), m
+
+  def programs(self, state: DilocoState, batch_MxB,
+               final_step: int = 0) -> list[tuple[str, Any, tuple]]:
     """(name, jitted program, its arguments) for every program `step` dispatches in an outer
-    round, with the arguments `step` gives them (arrays or abstract ShapeDtypeStructs): for
-    ahead-of-time compilation and memory checks (aot.py, experiments/bench.py)."""
+    round (and, with `final_step` = T > 0, those `final_sync(state, T)` adds), with the
+    arguments `step` gives them (arrays or abstract ShapeDtypeStructs): for ahead-of-time
+    compilation and memory checks (train.py, aot.py, experiments/bench.py)."""
     f = self.fragments
     out = [("inner_step", self._inner_step,
             (state.step, state.local_params, state.inner_opt_state, batch_MxB))]
     for p in range(f.num_fragments):
       outer_p, local_p = f.select(state.outer_params, p), f.select(state.local_params, p)
-      residual_p = [state.residual[i] for i in f.leaf_indices(p)] if self.error_feedback else []
+      blocking = (outer_p, local_p, state.outer_opt_state[p], self._residual(state, p), state.rng)
+      if self.delay != "none":
+        args = self._delayed_args(state, p)
+        for first in ((True, False) if self.delay == "naive" else (False,)):
+          out.append((f"sync[{p}]{', round 1' if first else ''}",
+                      self._delayed_program(p, first), args))
+        if final_step:
+          last = self.schedule.last_send(p, final_step)
+          out.append((f"final_sync[{p}]", self._delayed_final_program(
+              p, last is not None, last != final_step), args))
+        continue
       if self.tau_first == 0:
-        out.append((f"sync[{p}]", self._sync[p],
-                    (outer_p, local_p, state.outer_opt_state[p], residual_p, state.rng)))
+        out.append((f"sync[{p}]", self._sync[p], blocking))
       else:
-        out.append((f"send[{p}]", self._send[p], (outer_p, local_p, residual_p, state.rng)))
+        out.append((f"send[{p}]", self._send[p], (outer_p, local_p, self._residual(state, p),
+                                                  state.rng)))
         out.append((f"receive[{p}]", self._receive_first[p],
                     (outer_p, local_p, state.outer_opt_state[p], state.inflight[p])))
+      out.extend((f"receive[{p}, τ={d}]", self._receive_late[d, p], (local_p, outer_p))
+                 for d in sorted(set(self.taus)) if d not in (0, self.tau_first))
+      if final_step and p in self._flushed(final_step):
+        out.append((f"final_sync[{p}]", self._flush[p], blocking))
     return out
 
   def bits_sent(self, t: int) -> int:
     """Bits one worker transmits at step t (ring all-reduce convention, docs/design.md), summed
     over the worker's devices, each of which sends its own shards."""
     return sum(self.fragment_bits[p] for p in self.schedule.sends(t))
+
+  @functools.cached_property
+  def _outer_mean(self):
+    """Eager updates: θ_g as the mean of the workers' outer copies (one program)."""
+    return jax.jit(lambda t: jax.tree.map(lambda x: jnp.mean(x, axis=0), t),
+                   out_shardings=sharding.named(self.mesh, self.specs))
 
   @functools.cached_property
   def _to_device_copy(self):
@@ -395,6 +645,8 @@ class StreamingDiLoCo:
   def eval_params(self, state: DilocoState, which: str = "outer") -> PyTree:
     """The parameters to evaluate: the outer copy θ_g (the paper's choice), the worker mean, or
     worker 0. Fresh arrays: the next step donates the state's buffers."""
+    if which == "outer" and self.delay == "eager":   # the workers' own copies, averaged
+      return self._outer_mean(state.outer_params)
     if which == "outer":
       leaves = jax.tree.leaves(state.outer_params)
       if any(getattr(x.sharding, "memory_kind", None) == "pinned_host" for x in leaves):
@@ -426,7 +678,8 @@ class _Layout:
   worker_vector: Any
   local: PyTree
   inner_opt: PyTree
-  outer: PyTree
+  shared: PyTree      # a params-shaped leaf without the worker dim (the in-flight means)
+  outer: PyTree       # the outer copy: `shared`, or per worker with eager updates
   outer_opt: tuple
   residual: tuple
 
@@ -435,9 +688,10 @@ class _Layout:
     mesh, specs, f = algo.mesh, algo.specs, algo.fragments
     worker = lambda tree: jax.tree.map(sharding.per_worker, tree, is_leaf=sharding.is_spec)
     inner_specs = sharding.opt_state_specs(algo.inner_opt, params, specs)
+    own = worker if algo.delay == "eager" else (lambda tree: tree)   # eager: outer per worker
     outer_opt = tuple(
-        sharding.named(mesh, sharding.opt_state_specs(
-            algo.outer_opt, f.select(params, p), f.select(specs, p)))
+        sharding.named(mesh, own(sharding.opt_state_specs(
+            algo.outer_opt, f.select(params, p), f.select(specs, p))))
         for p in range(f.num_fragments))
     leaf_specs = jax.tree.leaves(specs, is_leaf=sharding.is_spec)
     return cls(
@@ -445,7 +699,8 @@ class _Layout:
         worker_vector=NamedSharding(mesh, P(mesh_lib.WORKER)),
         local=sharding.named(mesh, worker(specs)),
         inner_opt=sharding.named(mesh, worker(inner_specs)),
-        outer=sharding.named(mesh, specs), outer_opt=outer_opt,
+        shared=sharding.named(mesh, specs), outer=sharding.named(mesh, own(specs)),
+        outer_opt=outer_opt,
         residual=tuple(NamedSharding(mesh, sharding.per_worker(s)) for s in leaf_specs))
 
   def _host(self, tree):
@@ -454,11 +709,13 @@ class _Layout:
     return jax.tree.map(lambda s: s.with_memory_kind("pinned_host"), tree)
 
   def frag(self, field: str, p: int) -> list:
-    """Device shardings of fragment p's leaves of a field: local, outer, inflight, residual."""
+    """Device shardings of fragment p's leaves of a field: local, outer, inflight, residual,
+    sent (eager updates: per worker, like local)."""
     f = self.algo.fragments
     if field == "residual":
       return [self.residual[i] for i in f.leaf_indices(p)]
-    return f.select(self.local if field == "local" else self.outer, p)
+    return f.select({"local": self.local, "sent": self.local, "outer": self.outer,
+                     "inflight": self.shared}[field], p)
 
   def home_frag(self, field: str, p: int) -> list:
     out = self.frag(field, p)
@@ -480,9 +737,11 @@ class _Layout:
         step=self.repl, local_params=self.local, inner_opt_state=self.inner_opt,
         outer_params=self._host(self.outer),
         outer_opt_state=tuple(self.home_outer_opt(p) for p in range(P_)),
-        inflight=() if algo.tau_first == 0 else tuple(self.home_frag("inflight", p)
-                                                      for p in range(P_)),
-        residual=self.residual if algo.error_feedback else (), rng=self.repl)
+        inflight=tuple(self.home_frag("inflight", p) for p in range(P_))
+        if algo._has_inflight else (),
+        residual=self.residual if algo.error_feedback else (),
+        sent=tuple(self.frag("sent", p) for p in range(P_)) if algo.delay == "eager" else (),
+        rng=self.repl)
 
 
 class DispatchBound:
@@ -531,8 +790,9 @@ def DiLoCo(loss_fn: LossFn, inner_opt, outer_opt, *, num_workers: int, inner_ste
            error_feedback: bool = False, **layout) -> StreamingDiLoCo:
   """DiLoCo (Algorithm 1): one fragment, no overlap, workers restart from the outer copy
   (optionally with a quantized all-reduce). `layout`: StreamingDiLoCo's `param_specs`,
-  `offload_outer`, `max_steps_in_flight`, and `fragments` + `sync_every` for a part synced on
-  its own period (the MoE routers)."""
+  `offload_outer`, `max_steps_in_flight`, `delay` (the one-round overlap: "naive" or
+  "eager"), and `fragments` + `sync_every` for a part synced on its own period (the MoE
+  routers)."""
   return StreamingDiLoCo(loss_fn, inner_opt, outer_opt, num_workers=num_workers,
                          inner_steps=inner_steps, mesh=mesh, codec=codec, wire=wire,
                          error_feedback=error_feedback, **layout)
@@ -619,9 +879,19 @@ class DataParallel:
     self._bound.push(metrics["loss"])
     return state, metrics
 
-  def programs(self, state: DPState, batch_MxB) -> list[tuple[str, Any, tuple]]:
+  def programs(self, state: DPState, batch_MxB,
+               final_step: int = 0) -> list[tuple[str, Any, tuple]]:
     """The one program `step` dispatches, with its arguments (see StreamingDiLoCo.programs)."""
+    del final_step   # nothing to flush: the one model is up to date after every step
     return [("step", self._step, (state, batch_MxB))]
+
+  def final_sync(self, state: DPState, t: int) -> tuple[DPState, dict]:
+    del t
+    return state, {}
+
+  def final_bits(self, t: int) -> int:
+    del t
+    return 0
 
   def bits_sent(self, t: int) -> int:
     del t

@@ -80,7 +80,8 @@ def make_algorithm(rc: RunConfig, mesh, params):
                 codec=d.quantizer, wire=d.wire, error_feedback=d.error_feedback,
                 param_specs=specs, offload_outer=d.offload_outer,
                 # DiLoCo: one fragment, plus the routers' own with diloco.router_sync_every.
-                fragments=make_fragments(rc, params), sync_every=sync_every(rc))
+                fragments=make_fragments(rc, params), sync_every=sync_every(rc),
+                delay=d.delay)
   if rc.algorithm == "diloco":
     return algorithm.DiLoCo(loss_fn, inner_opt, outer_opt, **common)
   return algorithm.StreamingDiLoCo(

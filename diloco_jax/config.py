@@ -167,6 +167,10 @@ class DilocoConfig:
   wire: str = "reference"
   router_sync_every: int = 0       # MoE: routers as their own fragment, synced every k steps
                                    # (k dividing H); 0: with their block's fragment
+  delayed: bool = False            # the outer all-reduce overlaps a whole round: the mean sent
+                                   # at round r is applied at r+1 as it is (naive delay)
+  eager: bool = False              # ... with eager updates: worker m applies its own fresh Δ_m
+                                   # and the others' one-round-stale ones (SPEC §5)
   quantizer: quantize.Codec = dataclasses.field(init=False)   # Q as the algorithm takes it
 
   def __post_init__(self):
@@ -189,11 +193,18 @@ class DilocoConfig:
     _bool("diloco.error_feedback", self.error_feedback)
     _choice("diloco.wire", self.wire, collectives.WIRES)
     _integer("diloco.router_sync_every", self.router_sync_every, 0)
+    _bool("diloco.delayed", self.delayed)
+    _bool("diloco.eager", self.eager)
     try:   # quantize.Codec checks diloco.codec and diloco.codec_block_size
       _set(self, "quantizer", quantize.get_codec(self.codec, self.codec_block_size,
                                                  self.stochastic_rounding))
     except ValueError as e:
       raise ConfigError(str(e)) from None
+
+  @property
+  def delay(self) -> str:
+    """The algorithm's `delay`: "eager", "naive" (diloco.delayed alone) or "none"."""
+    return "eager" if self.eager else "naive" if self.delayed else "none"
 
   @property
   def taus(self) -> tuple[int, ...]:
@@ -217,6 +228,8 @@ class TrainConfig:
   log_every: int
   init_from: str = ""              # a finished run's workdir: start from its latest outer params
                                    # (fresh optimizer state; e.g. "train short, continue long")
+  final_sync: bool = True          # DiLoCo family: after step T every fragment's θ_g takes in
+                                   # all inner steps (pending receives land, the rest sync once)
 
   def __post_init__(self):
     if not isinstance(self.init_from, str):
@@ -239,6 +252,7 @@ class TrainConfig:
       clip = _real("train.grad_clip", self.grad_clip, ">= 0 (0: off)", lambda x: x >= 0)
       _set(self, "grad_clip", clip or None)
     _integer("train.log_every", self.log_every, 1)
+    _bool("train.final_sync", self.final_sync)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -478,6 +492,15 @@ class RunConfig:
       raise ConfigError("diloco.offload_outer must be False for algorithm='dp' (it has no "
                         "outer copy to offload)")
     streaming = self.algorithm == "streaming"
+    if d.delay != "none":
+      key = "diloco.eager" if d.eager else "diloco.delayed"
+      if self.algorithm == "dp":
+        raise ConfigError(f"{key}=True needs algorithm='diloco' or 'streaming' (data-parallel "
+                          f"training has no outer round to overlap)")
+      if any(d.taus) or d.offload_outer:
+        raise ConfigError(f"{key}=True overlaps the all-reduce with a whole outer round (H "
+                          f"steps); it needs diloco.overlap_steps=0, no "
+                          f"diloco.worker_overlap_steps and diloco.offload_outer=False")
     if d.worker_overlap_steps and (not streaming or len(d.worker_overlap_steps) != d.num_workers):
       raise ConfigError(f"diloco.worker_overlap_steps must list one τ per worker "
                         f"(M={d.num_workers}) for algorithm='streaming', got "

@@ -347,6 +347,11 @@ class Schedule:
     """Fragments whose sync completes (outer step and merge) after inner step t: sent at t − τ."""
     return self.sends(t - self.tau)
 
+  def last_send(self, p: int, t: int) -> int | None:
+    """The step of fragment p's latest send at or before step t (None before its first)."""
+    d, K = t - self.offset(p), self.sync_every(p)
+    return t - d % K if d >= K else None
+
   def in_flight(self, t: int) -> tuple[int, ...]:
     """Fragments sent at some s <= t and not yet received after step t (i.e. s > t − τ).
 
@@ -354,11 +359,6 @@ class Schedule:
     every period a fragment has at most one sync in flight; with τ >= ⌊H/P⌋ several fragments
     may be in flight.
     """
-    sent = []
-    for p in range(self.P):
-      d, K = t - self.offset(p), self.sync_every(p)
-      if d >= K:
-        last_send = t - d % K
-        if last_send > t - self.tau:
-          sent.append((last_send, p))
+    sent = [(s, p) for p in range(self.P)
+            if (s := self.last_send(p, t)) is not None and s > t - self.tau]
     return tuple(p for _, p in sorted(sent))

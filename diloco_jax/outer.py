@@ -52,6 +52,24 @@ def merge(local_leaves: list, outer_leaves: list, alpha: float) -> list:
   return out
 
 
+def merge_own(local_leaves: list, outer_leaves: list, alpha: float) -> list:
+  """`merge` when every worker has its own outer copy (eager updates: leaves [M, ...])."""
+  return [g.astype(w.dtype) if alpha == 0.0 else w if alpha == 1.0
+          else alpha * w + (1.0 - alpha) * g.astype(w.dtype)
+          for w, g in zip(local_leaves, outer_leaves)]
+
+
+def eager_proxy(delta_M: list, mean_prev: list, sent_prev_M: list) -> list:
+  """Eager updates (SPEC §5): worker m's outer gradient while the round's all-reduce is still
+  on the wire, Δ̂_m(r) = Δ_m(r)/M + (Δ̄(r−1) − Q(Δ_m(r−1))/M): its own fresh Δ (unquantized:
+  nothing is sent to itself) plus the others' one-round-stale ones, Σ_{k≠m} Q(Δ_k(r−1))/M,
+  which is the mean that has just arrived minus what m itself sent into it. The others' part
+  is formed first, so for M = 1 it is exactly 0 and Δ̂ = Δ (DiLoCo without delay).
+  Leaves: Δ_m and Q(Δ_m(r−1)) [M, ...], Δ̄(r−1) without the worker dim; zeros at round 1."""
+  M = delta_M[0].shape[0]
+  return [d / M + (mean[None] - sent / M) for d, mean, sent in zip(delta_M, mean_prev, sent_prev_M)]
+
+
 def pairwise_cosine(mean: list, sq_norms_M: jax.Array) -> jax.Array:
   """The workers' outer gradients' pairwise cosine similarity (the paper tracks it), from what
   every worker already has after the all-reduce: the mean Δ̄ and the M squared norms ‖Δ_m‖².

@@ -191,10 +191,15 @@ def run(config: ml_collections.ConfigDict, workdir: str, stop_after: int | None 
       T, start, prefix=f"[process {jax.process_index()}] " if log_all_processes
       else "") if primary or log_all_processes else None
   tokens_per_step = M * B * L
+  final_sync = rc.train.final_sync
+
+  def bits_at(s: int) -> int:   # what one worker sends at step s (the final sync after T)
+    return algo.bits_sent(s) + (algo.final_bits(s) if final_sync and s == T else 0)
+
   # Bits are a deterministic function of the static schedule: recomputed, not checkpointed.
-  bits = sum(algo.bits_sent(s) for s in range(1, start + 1))
+  bits = sum(bits_at(s) for s in range(1, start + 1))
   dp_step_bits = build.dp_bits_per_step(rc, numel)
-  peak_bits = max((algo.bits_sent(s) for s in range(1, T + 1)), default=0)
+  peak_bits = max((bits_at(s) for s in range(1, T + 1)), default=0)
   eval_every, ckpt_every = rc.eval.every_steps, rc.checkpoint.every_steps
 
   pending = None            # (step, device metrics, host values) logged one step late
@@ -222,10 +227,17 @@ def run(config: ml_collections.ConfigDict, workdir: str, stop_after: int | None 
     batch = jax.tree.map(   # a token array, or a packed dict of arrays (`packing`)
         lambda x: jax.make_array_from_process_local_data(
             batch_sharding, x[:, my_rows], (M, B, *x.shape[2:])), next(train_it))
+    if t == start + 1:   # every program of the run compiled before the clock starts
+      _compile_ahead(algo, state, batch, T if final_sync else 0, evaluate, eval_set,
+                     rc.eval.params)
+      t_wall = t_log = time.perf_counter()
     if router_frags and router_frags.intersection(algo.schedule.sends(t)):
       latest_sync.update(_router_fn(rc.model)(state.local_params, router_tokens))
     state, m = algo.step(state, batch, t)
-    bits += algo.bits_sent(t)
+    if final_sync and t == T:   # θ_g takes in every inner step before it is evaluated and saved
+      state, m_final = algo.final_sync(state, t)
+      m = {**m, **m_final}
+    bits += bits_at(t)
     # Sync diagnostics come from the steps that send; keep the latest per fragment (still on
     # device) so that every logged row carries them.
     latest_sync.update((k, v) for k, v in m.items() if k not in ("loss", "aux"))
@@ -238,7 +250,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, stop_after: int | None 
         m["eval_loss"] = evaluate(algo.eval_params(state, rc.eval.params), eval_set)
       m = {**latest_sync, **m}
       host = {"tokens_seen": t * tokens_per_step, "bits_sent_per_worker": bits,
-              "bits_this_step": algo.bits_sent(t), "dp_bits_sent_per_worker": t * dp_step_bits}
+              "bits_this_step": bits_at(t), "dp_bits_sent_per_worker": t * dp_step_bits}
       pending = (t, m, host)
     if (ckpt_every and t % ckpt_every == 0) or final:
       if pending is not None and pending[0] == t:
@@ -291,6 +303,20 @@ def run(config: ml_collections.ConfigDict, workdir: str, stop_after: int | None 
     with open(os.path.join(workdir, "summary.json"), "w", encoding="utf-8") as f:
       json.dump(summary, f, indent=2)
   return summary
+
+
+def _compile_ahead(algo, state, batch, final_step: int, evaluate, eval_set,
+                   which: str) -> None:
+  """Compiles every program the run dispatches (the inner step, each fragment's sync or send
+  and receives, the final sync, the evaluation) for the run's arguments, before step 1: the
+  first progress interval then times training alone, and a program that cannot be built fails
+  before anything trains. jit's cache keeps the executables, so the run's calls do not compile
+  again (tests/test_train.py counts the compilations)."""
+  abstract = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+  for _, program, args in algo.programs(jax.tree.map(abstract, state),
+                                        jax.tree.map(abstract, batch), final_step=final_step):
+    program.lower(*args).compile()
+  evaluate.lower(jax.tree.map(abstract, algo.eval_params(state, which)), eval_set).compile()
 
 
 def _console_extras(row: dict) -> dict:

@@ -109,7 +109,7 @@ def test_a_json_round_trip_builds_the_same_config():
 # ------------------------------------------------------------------------------ unknown keys
 def test_an_unknown_key_is_named_with_the_allowed_keys():
   with pytest.raises(ConfigError, match=re.escape(
-      "unknown key diloco.foo; allowed: codec, codec_block_size, error_feedback, "
+      "unknown key diloco.foo; allowed: codec, codec_block_size, delayed, eager, error_feedback, "
       "fragment_pattern, inner_steps, layers_per_fragment, merge_alpha, num_workers, "
       "offload_outer, outer_lr, outer_momentum, outer_optimizer, overlap_steps, "
       "router_sync_every, stochastic_rounding, wire, worker_overlap_steps") + "$"):

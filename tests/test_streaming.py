@@ -34,11 +34,13 @@ def _assert_equal(a, b):
 
 # ------------------------------------------------------------------ the slow reference (SPEC §2)
 def reference_streaming(params, batches, *, M, H, leaf_fragment, taus, alpha, inner_opt,
-                        outer_opt, codec=None):
+                        outer_opt, codec=None, final_sync=False):
   """Algorithm 2 transcribed literally: Python loops over workers and fragments, no vmap.
 
   Fragment p has offset t_p = p·⌊H/P⌋ and sends at t when (t − t_p) mod H == 0 and t − t_p ≥ H;
   worker m merges it at t_send + τ_m; the outer step happens at the first merge (t_send + min τ).
+  `final_sync` (after the last step T): the merges still pending land as they would have in
+  the steps after T, then every fragment not sent at T sends, steps and merges once more.
   """
   leaves0, treedef = jax.tree.flatten(params)
   P = max(leaf_fragment) + 1
@@ -61,26 +63,39 @@ def reference_streaming(params, batches, *, M, H, leaf_fragment, taus, alpha, in
     for i in idx[p]:
       local[m][i] = g[i] if alpha == 0 else alpha * local[m][i] + (1 - alpha) * g[i]
 
-  for t, batch in enumerate(batches, start=1):
-    for m in range(M):
-      p_m, opt_states[m], _, _ = inner.worker_step(
-          toy.loss_fn, inner_opt, jax.tree.unflatten(treedef, local[m]), opt_states[m], batch[m])
-      local[m] = jax.tree.leaves(p_m)
-    for p in range(P):   # sends
-      if sends_at(t, p):
-        parts = []
-        for i in idx[p]:   # each leaf is quantized on its own (blocks never cross leaves)
-          deltas = []
-          for m in range(M):
-            d = (g[i] - local[m][i]).ravel()
-            deltas.append(d if codec is None else codec.roundtrip(d))
-          parts.append((sum(deltas[1:], deltas[0]) / M).reshape(g[i].shape))
-        sent_mean[p] = parts
-    for p in range(P):   # receives
+  def send(p):
+    parts = []
+    for i in idx[p]:   # each leaf is quantized on its own (blocks never cross leaves)
+      deltas = []
       for m in range(M):
-        if sends_at(t - taus[m], p):
+        d = (g[i] - local[m][i]).ravel()
+        deltas.append(d if codec is None else codec.roundtrip(d))
+      parts.append((sum(deltas[1:], deltas[0]) / M).reshape(g[i].shape))
+    sent_mean[p] = parts
+
+  def receives(t, T):
+    for p in range(P):
+      for m in range(M):
+        if t - taus[m] <= T and sends_at(t - taus[m], p):
           if m == min(range(M), key=lambda k: taus[k]):   # the first merge of this send
             outer_step(p)
+          merge(p, m)
+
+  T = len(batches)
+  for t, batch in enumerate(batches, start=1):
+    toy.reference_inner_steps(inner_opt, treedef, local, opt_states, batch)
+    for p in range(P):
+      if sends_at(t, p):
+        send(p)
+    receives(t, T)
+  if final_sync:
+    for t in range(T + 1, T + max(taus) + 1):
+      receives(t, T)
+    for p in range(P):
+      if not sends_at(T, p):
+        send(p)
+        outer_step(p)
+        for m in range(M):
           merge(p, m)
   return jax.tree.unflatten(treedef, g), [jax.tree.unflatten(treedef, w) for w in local]
 
@@ -115,11 +130,7 @@ def test_vmapped_equals_slow_reference(M, H, blocks, layers, tau, alpha):
   g, workers = reference_streaming(params, bs, M=M, H=H, leaf_fragment=f.leaf_fragment,
                                    taus=(tau,) * M, alpha=alpha, inner_opt=inner_opt,
                                    outer_opt=outer_opt)
-  for x, y in zip(_leaves(state.outer_params), _leaves(g)):
-    np.testing.assert_allclose(x, y, rtol=2e-6, atol=2e-6)
-  for m in range(M):
-    for x, y in zip(_leaves(state.local_params), _leaves(workers[m])):
-      np.testing.assert_allclose(x[m], y, rtol=2e-6, atol=2e-6)
+  toy.assert_close_to_reference(state.outer_params, state.local_params, g, workers)
   assert not np.allclose(_leaves(g)[0], _leaves(params)[0])   # the outer copy moved
 
 
@@ -132,11 +143,53 @@ def test_heterogeneous_tau_equals_slow_reference():
   state = _run(algo, params, bs)
   g, workers = reference_streaming(params, bs, M=M, H=H, leaf_fragment=algo.fragments.leaf_fragment,
                                    taus=taus, alpha=0.5, inner_opt=inner_opt, outer_opt=outer_opt)
-  for x, y in zip(_leaves(state.outer_params), _leaves(g)):
-    np.testing.assert_allclose(x, y, rtol=2e-6, atol=2e-6)
-  for m in range(M):
-    for x, y in zip(_leaves(state.local_params), _leaves(workers[m])):
-      np.testing.assert_allclose(x[m], y, rtol=2e-6, atol=2e-6)
+  toy.assert_close_to_reference(state.outer_params, state.local_params, g, workers)
+
+
+FINAL_CASES = [  # (M, H, blocks, layers/fragment, τ per worker, α, T)
+    (2, 6, 2, 1, (0, 0), 0.0, 20),     # P=3, no overlap; fragment 1 (offset 2) just sent at 20
+    (2, 6, 2, 1, (1, 1), 0.5, 18),     # τ=1: fragment 0 sent at 18 still on the wire
+    (2, 4, 2, 1, (3, 3), 0.25, 13),    # τ=3: all three fragments in flight at T
+    (3, 6, 2, 1, (1, 4, 0), 0.5, 19),  # heterogeneous τ: one worker's merge still pending
+    (2, 5, 1, 1, (0, 0), 0.0, 11),     # P=2, T one step past fragment 0's sync
+]
+
+
+@pytest.mark.parametrize("M,H,blocks,layers,taus,alpha,T", FINAL_CASES)
+def test_final_sync_equals_slow_reference(M, H, blocks, layers, taus, alpha, T):
+  params = toy.init_params(num_blocks=blocks)
+  inner_opt, outer_opt = optax.adam(1e-2), optax.sgd(0.4, 0.9, nesterov=True)
+  bs = toy.batches(T, M)
+  algo = _streaming(M, H, layers=layers, tau=taus if len(set(taus)) > 1 else taus[0],
+                    alpha=alpha, inner_opt=inner_opt, outer_opt=outer_opt)
+  state = _run(algo, params, bs)
+  unflushed = algo.eval_params(state)
+  state, metrics = algo.final_sync(state, T)
+  g, workers = reference_streaming(params, bs, M=M, H=H, leaf_fragment=algo.fragments.leaf_fragment,
+                                   taus=taus, alpha=alpha, inner_opt=inner_opt,
+                                   outer_opt=outer_opt, final_sync=True)
+  toy.assert_close_to_reference(state.outer_params, state.local_params, g, workers)
+  flushed = [p for p in range(algo.fragments.num_fragments)
+             if algo.schedule.last_send(p, T) != T]
+  assert sorted(k for k in metrics if k.startswith("outer_grad_norm/")) == sorted(
+      f"outer_grad_norm/{p}" for p in flushed)
+  assert algo.final_bits(T) == sum(algo.fragment_bits[p] for p in flushed) > 0
+  assert not all(np.array_equal(x, y) for x, y in zip(_leaves(unflushed), _leaves(g)))
+
+
+def test_final_sync_after_a_diloco_round_is_a_no_op():
+  """DiLoCo (one fragment, τ=0) ending on a sync step: θ_g already holds every inner step, so
+  the final sync sends nothing and changes nothing (an outer step on Δ = 0 would still move
+  θ_g by its momentum)."""
+  M, H = 2, 4
+  algo = algorithm.DiLoCo(toy.loss_fn, optax.adam(1e-2), optax.sgd(0.7, 0.9, nesterov=True),
+                          num_workers=M, inner_steps=H, mesh=mesh_lib.make_mesh(M))
+  state = _run(algo, toy.init_params(), toy.batches(2 * H, M))
+  before = jax.device_get(state)
+  after, metrics = algo.final_sync(state, 2 * H)
+  _assert_equal(after, before)
+  assert metrics == {} and algo.final_bits(2 * H) == 0
+  assert algo.final_bits(2 * H + 1) == algo.fragment_bits[0]
 
 
 def test_quantized_equals_slow_reference():

@@ -2,9 +2,12 @@
 bit for bit, and every invalid config stops with one clear sentence before compiling."""
 
 import json
+import logging
 import os
+import re
 import subprocess
 import sys
+from unittest import mock
 
 import jax
 import numpy as np
@@ -65,9 +68,12 @@ def test_tiny_run_learns_and_writes_its_outputs(tmp_path):
   assert os.listdir(os.path.join(wd, "tb"))
 
 
-@pytest.mark.parametrize("algorithm", ["diloco", "dp"])
+@pytest.mark.parametrize("algorithm", ["diloco", "dp", "eager"])
 def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, algorithm):
-  cfg = small_config(algorithm=algorithm)
+  # "eager": DiLoCo with eager updates (per-worker outer copies and what each worker sent are
+  # in the checkpoint too).
+  cfg = (small_config(**{"diloco.eager": True}) if algorithm == "eager"
+         else small_config(algorithm=algorithm))
   full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
   train.run(cfg, full)
   # Stop at step 6: the last checkpoint is step 4, so steps 5-6 are lost and redone.
@@ -163,10 +169,39 @@ def _add_streaming_keys(c, **kw):
   return c
 
 
-def test_streaming_bits_and_peak_against_data_parallel(tmp_path):
+class _CompilesAfterAhead(logging.Handler):
+  """The names of the programs jax compiles once train._compile_ahead has returned."""
+
+  def __init__(self):
+    super().__init__()
+    self.names, self.on = [], False
+
+  def emit(self, record):
+    m = re.match(r"Compiling (\S+)", record.getMessage())
+    if self.on and m:
+      self.names.append(m.group(1))
+
+
+def test_streaming_bits_and_peak_against_data_parallel_and_nothing_compiles_late(tmp_path):
   cfg = _add_streaming_keys(streaming_config(**{"checkpoint.every_steps": 0}), tau=1,
                             stochastic=False, error_feedback=False)
-  s = train.run(cfg, str(tmp_path))
+  seen = _CompilesAfterAhead()
+  ahead = train._compile_ahead
+
+  def compile_ahead(*args, **kw):
+    ahead(*args, **kw)
+    seen.on = True
+  logger = logging.getLogger("jax._src.interpreters.pxla")
+  logger.addHandler(seen)
+  try:
+    with jax.log_compiles(True), mock.patch.object(train, "_compile_ahead", compile_ahead):
+      s = train.run(cfg, str(tmp_path))
+  finally:
+    logger.removeHandler(seen)
+  # Every training program (inner step, sends, receives, the final sync, the evaluation) was
+  # compiled before step 1; what compiles later is orbax slicing replicated arrays into the
+  # checkpoint's shards at the first save.
+  assert seen.on and set(seen.names) <= {"jit(slice)"}, seen.names
   rc = config_lib.from_config_dict(cfg)
   params = model_lib.init_params(rc.model, jax.random.PRNGKey(0))
   frags = fragments.by_blocks(params, layers_per_fragment=1)   # P = 3
@@ -177,12 +212,17 @@ def test_streaming_bits_and_peak_against_data_parallel(tmp_path):
   wire = [sum(-(-x.size // 32) * (32 * 4 + 32) for x in frags.select(params, p))
           for p in range(3)]
   sends = {4: 0, 8: 0, 12: 0, 5: 1, 9: 1, 6: 2, 10: 2}   # H=4, offsets 0, 1, 2
-  assert s["bits_sent_per_worker"] == sum(wire[p] for p in sends.values())
-  assert s["peak_bits_per_step"] == max(wire)
+  # The final sync after step 12: fragment 0 (sent at 12) lands without another send;
+  # fragments 1 and 2 send once more.
+  final = wire[1] + wire[2]
+  assert s["bits_sent_per_worker"] == sum(wire[p] for p in sends.values()) + final
+  assert s["peak_bits_per_step"] == wire[0] + final
   assert s["dp_bits_sent_per_worker"] == 12 * n * 32   # M=2 ring all-reduce: one fp32 payload
   rows = {r["step"]: r for r in _rows(str(tmp_path))}
   assert rows[4]["bits_this_step"] == wire[0] and rows[12]["bits_sent_per_worker"] == \
       s["bits_sent_per_worker"]
+  assert rows[12]["bits_this_step"] == wire[0] + final
+  assert {"outer_grad_norm/1", "outer_grad_norm/2"} <= set(rows[12])
 
 
 STREAMING_BAD = [

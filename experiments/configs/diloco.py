@@ -75,6 +75,10 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.diloco.offload_outer = False   # keep every fragment's θ_g, outer optimizer state and
                                    # in-flight Δ in host memory (pinned_host); only the fragment
                                    # being synced is on the device. False for "dp"
+  c.diloco.delayed = False         # the all-reduce overlaps a whole outer round: the mean sent
+                                   # at round r is applied at r+1 as it is (naive delay)
+  c.diloco.eager = False           # ... with eager updates (SPEC §5): each worker applies its
+                                   # own fresh Δ_m plus the others' one-round-stale ones
 
   c.train = ml_collections.ConfigDict()
   c.train.num_steps = 300          # T, inner steps per worker
@@ -89,6 +93,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.train.log_every = 20           # steps between progress lines / metrics rows
   c.train.init_from = ""           # a finished run's workdir: start from its latest outer
                                    # params, fresh optimizer state ("train short, continue long")
+  c.train.final_sync = True        # after step T, flush every fragment into the outer copy θ_g
+                                   # (pending receives land; fragments not sent at T sync once
+                                   # more), so the evaluated θ_g is not up to H steps stale
 
   c.data = ml_collections.ConfigDict()
   c.data.source = "synthetic"      # "synthetic" (embedded, no files) or "text" (UTF-8 bytes)
