@@ -9,6 +9,17 @@ Five suites (SPEC §2-4), each a grid of runs with equal tokens across its metho
   evaluated  which parameters are evaluated: outer copy θ_g, worker mean, worker 0
   all        the five, in that order
 
+and the paper's headline at a compute-optimal budget (issue 12; the BUDGET scale: the same
+6-block model, ≈ 20 bytes per parameter, 4,096 bytes per step):
+
+  sweep      outer learning rate η ∈ {0.4, 0.6, 0.8, 1.0} for DiLoCo H=30 and Streaming DiLoCo
+             H=30 and H=100 (M=2, one seed, a quarter of the budget), data-parallel beside them
+  budget     at the whole budget with each method's best η from the sweep: data-parallel,
+             DiLoCo H=30, Streaming DiLoCo H=30 and H=100 at M=2 (--seeds=3 for mean ± std),
+             the same at M=4 (seed 0), and Streaming DiLoCo H=30 with eager updates and with
+             the naive one-round delay beside its τ=1 run; checks the targets (within +2 % of
+             data-parallel at H=30 and H=100, ≥ 400× fewer bits at H=100). Needs the sweep.
+
 Every run trains the same 6-block byte-level model on text files (default: the english-pd corpus)
 in its own workdir under --out, named after its settings; a run whose summary.json exists is
 skipped, so an interrupted suite resumes where it stopped and runs shared between suites (the
@@ -40,8 +51,11 @@ from absl import app, flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SUITES = ("main", "overlap", "codecs", "fragments", "evaluated")
+BUDGET_SUITES = ("sweep", "budget")   # at the BUDGET scale; not part of "all"
+OUTER_LRS = (0.4, 0.6, 0.8, 1.0)     # the sweep's η grid
 
-_SUITE = flags.DEFINE_string("suite", "main", f"one of {', '.join(SUITES)} or all")
+_SUITE = flags.DEFINE_string("suite", "main", f"one of {', '.join(SUITES + BUDGET_SUITES)} "
+                             f"or all (the first five)")
 _OUT = flags.DEFINE_string("out", "runs/reproduce", "root of the run workdirs")
 _DOCS = flags.DEFINE_string("docs", os.path.join(REPO, "docs", "results"),
                             "where the markdown tables and PNG plots go")
@@ -79,6 +93,7 @@ class Scale:
   blocks_per_fragment: int
   fragment_sizes: tuple[int, ...]
   taus: tuple[int, ...]
+  checkpoint_every: int = 0   # 0: only at the end; long runs resume mid-way from these
 
 
 # Sized for 2 CPU cores shared with other work: main ≈ 40 min, the four ablation suites ≈ 60 min
@@ -89,11 +104,24 @@ FULL = Scale(num_layers=6, tied_embeddings=False, seq_len=64, global_batch=16, m
              main_H=(30, 100), ablation_steps=240, ablation_H=30, learning_rate=3e-3, warmup=30,
              eval_points=12, eval_batches=4, eval_batch_size=32, blocks_per_fragment=3,
              fragment_sizes=(1, 2, 3, 6), taus=(0, 1, 2, 5, 10))
+# The compute-optimal budget (issue 12): FULL's model, 20 bytes per parameter = 8.54M bytes in
+# T = 2,085 steps of 32 × 128 bytes (H=100 gives 20 outer rounds); the sweep runs a quarter of
+# it. A larger step than FULL's: the same bytes in 4× fewer host round trips.
+BUDGET = dataclasses.replace(FULL, seq_len=128, global_batch=32, main_steps=2085,
+                             ablation_steps=521, warmup=100, eval_points=10,
+                             checkpoint_every=250)
 # Same structure, tiny sizes: 2 blocks (so 1-block fragments), H small but > max τ.
 SMOKE = Scale(num_layers=2, tied_embeddings=False, seq_len=16, global_batch=4, main_steps=8,
               main_H=(2, 4), ablation_steps=12, ablation_H=11, learning_rate=1e-2, warmup=2,
               eval_points=2, eval_batches=1, eval_batch_size=4, blocks_per_fragment=2,
               fragment_sizes=(1, 2), taus=(0, 1, 2, 5, 10))
+SMOKE_BUDGET = dataclasses.replace(SMOKE, main_steps=12, ablation_steps=8, checkpoint_every=4)
+
+
+def scale_for(suite: str, smoke: bool) -> Scale:
+  if suite in BUDGET_SUITES:
+    return SMOKE_BUDGET if smoke else BUDGET
+  return SMOKE if smoke else FULL
 
 
 # ------------------------------------------------------------------------------------- runs
@@ -113,6 +141,8 @@ class Run:
   blocks: int = 3             # blocks per fragment
   pattern: str = "strided"
   eval_params: str = "outer"
+  outer_lr: float = 0.0       # η; 0: the paper's (0.4 Streaming DiLoCo, 0.7 DiLoCo)
+  delay: str = "none"         # "naive" / "eager": the all-reduce overlaps a whole round (τ=0)
   seed: int = 0
 
   @property
@@ -126,6 +156,10 @@ class Run:
                f"_{self.pattern}{self.blocks}")
     if self.eval_params != "outer":
       base += f"_{self.eval_params}"
+    if self.outer_lr:
+      base += f"_lr{self.outer_lr:g}"
+    if self.delay != "none":
+      base += f"_{self.delay}"
     return f"{base}_s{self.seed}"
 
 
@@ -136,6 +170,7 @@ class Cell:
   label: str
   run: Run
   keys: dict
+  seeds: int = 0   # at most this many seeds of this cell (0: every seed asked for)
 
 
 def _dp(M, T):
@@ -184,15 +219,78 @@ def suite_cells(suite: str, scale: Scale, steps: int = 0) -> list[Cell]:
   if suite == "evaluated":
     return [Cell(e, sd(eval_params=e), dict(eval_params=e))
             for e in ("outer", "worker_mean", "worker0")]
-  raise ValueError(f"--suite must be one of {', '.join(SUITES)} or all, got {suite!r}")
+  if suite == "sweep":
+    T, k = scale.ablation_steps, scale.blocks_per_fragment
+    cells = [Cell("data-parallel", _dp(2, T), dict(method="DP", H=0, M=2, lr=0.0))]
+    for lr in OUTER_LRS:
+      cells.append(Cell("DiLoCo", dataclasses.replace(_diloco(2, 30, T), outer_lr=lr),
+                        dict(method="DiLoCo", H=30, M=2, lr=lr)))
+      for h in scale.main_H:
+        cells.append(Cell("Streaming DiLoCo", Run("streaming", M=2, H=h, T=T, blocks=k,
+                                                  outer_lr=lr),
+                          dict(method="SD", H=h, M=2, lr=lr)))
+    return cells
+  raise ValueError(f"--suite must be one of {', '.join(SUITES + BUDGET_SUITES)} or all, got "
+                   f"{suite!r}")
+
+
+def budget_cells(scale: Scale, best_lr: dict) -> list[Cell]:
+  """The budget suite's grid, with best_lr {(method, H): η} from the sweep (`best_outer_lrs`)."""
+  T, k, H_lo, H_hi = scale.main_steps, scale.blocks_per_fragment, *scale.main_H
+
+  def methods(M):
+    return [("data-parallel", _dp(M, T), dict(method="DP", H=0)),
+            ("DiLoCo", dataclasses.replace(_diloco(M, H_lo, T), outer_lr=best_lr["DiLoCo", H_lo]),
+             dict(method="DiLoCo", H=H_lo)),
+            *[("Streaming DiLoCo", Run("streaming", M=M, H=h, T=T, blocks=k,
+                                       outer_lr=best_lr["SD", h]), dict(method="SD", H=h))
+              for h in (H_lo, H_hi)]]
+  cells = [Cell(label, run, dict(keys, M=M, delay="τ=1" if keys["method"] == "SD" else ""),
+                seeds=0 if M == 2 else 1)
+           for M in (2, 4) for label, run, keys in methods(M)]
+  sd = Run("streaming", M=2, H=H_lo, T=T, tau=0, blocks=k, outer_lr=best_lr["SD", H_lo])
+  for delay in ("eager", "naive"):
+    cells.append(Cell(f"Streaming DiLoCo, {delay}", dataclasses.replace(sd, delay=delay),
+                      dict(method="SD", H=H_lo, M=2, delay=delay), seeds=1))
+  return cells
+
+
+class SweepNotDone(Exception):
+  """The budget suite needs every sweep run finished (its best η)."""
+
+
+def best_outer_lrs(out: str, scale: Scale) -> dict:
+  """{(method, H): the sweep's η with the lowest final eval loss} for DiLoCo and SD."""
+  best, missing = {}, []
+  for cell in suite_cells("sweep", scale):
+    if cell.keys["method"] == "DP":
+      continue
+    got = _load(out, cell.run)
+    if got is None:
+      missing.append(cell.run.name)
+      continue
+    key = (cell.keys["method"], cell.keys["H"])
+    loss = got["summary"]["final_eval_loss"]
+    if key not in best or loss < best[key][1]:
+      best[key] = (cell.keys["lr"], loss)
+  if missing:
+    raise SweepNotDone(f"the budget suite takes each method's η from the sweep, and {len(missing)} "
+                       f"sweep runs are not finished under {out!r} (e.g. {missing[0]}); run "
+                       f"--suite=sweep first")
+  return {k: lr for k, (lr, _) in best.items()}
+
+
+def cells_for(suite: str, scale: Scale, steps: int = 0, out: str = "") -> list[Cell]:
+  return (budget_cells(scale, best_outer_lrs(out, scale)) if suite == "budget"
+          else suite_cells(suite, scale, steps))
 
 
 def unique_runs(cells: list[Cell], seeds: int) -> list[Run]:
   """The distinct runs behind a suite's cells (DP does not depend on H; fp32 with error feedback
-  is fp32 without it), each for seeds 0 .. seeds-1."""
+  is fp32 without it), each for seeds 0 .. seeds-1 (at most the cell's own `seeds`)."""
   out = []
   for cell in cells:
-    for s in range(seeds):
+    for s in range(min(seeds, cell.seeds) if cell.seeds else seeds):
       r = dataclasses.replace(cell.run, seed=s)
       if r not in out:
         out.append(r)
@@ -217,8 +315,8 @@ def make_config(run: Run, scale: Scale, data_glob: str):
   c.model.tied_embeddings = scale.tied_embeddings
   c.diloco.num_workers = run.M
   c.diloco.inner_steps = max(run.H, 1)
-  # Paper values: Streaming DiLoCo η=0.4, DiLoCo η=0.7, both Nesterov with μ=0.9.
-  c.diloco.outer_lr = 0.4 if run.method == "streaming" else 0.7
+  # Paper values unless the run says: Streaming DiLoCo η=0.4, DiLoCo η=0.7, Nesterov, μ=0.9.
+  c.diloco.outer_lr = run.outer_lr or (0.4 if run.method == "streaming" else 0.7)
   c.diloco.outer_momentum = 0.9
   c.diloco.layers_per_fragment = max(run.blocks, 1)
   c.diloco.fragment_pattern = run.pattern or "strided"
@@ -226,6 +324,8 @@ def make_config(run: Run, scale: Scale, data_glob: str):
   c.diloco.merge_alpha = run.alpha
   c.diloco.codec = run.codec
   c.diloco.error_feedback = run.error_feedback
+  c.diloco.eager = run.delay == "eager"
+  c.diloco.delayed = run.delay == "naive"
   c.train.num_steps = run.T
   c.train.batch_size = scale.global_batch // run.M
   c.train.learning_rate = scale.learning_rate
@@ -238,7 +338,7 @@ def make_config(run: Run, scale: Scale, data_glob: str):
   c.eval.params = run.eval_params
   c.eval.num_batches = scale.eval_batches
   c.eval.batch_size = scale.eval_batch_size
-  c.checkpoint.every_steps = 0   # only at the end: the runs are short, restarting one is cheap
+  c.checkpoint.every_steps = scale.checkpoint_every   # 0: only at the end (short runs)
   return c
 
 
@@ -247,7 +347,7 @@ def run_suite(suite: str, out: str, scale: Scale, data_glob: str, seeds: int = 1
   """Trains every run of the suite not finished yet; returns (run, "ran" | "skipped")."""
   from diloco_jax import config as config_lib, train  # noqa: PLC0415  (after the CLI set devices)
   done = []
-  runs = unique_runs(suite_cells(suite, scale, steps), seeds)
+  runs = unique_runs(cells_for(suite, scale, steps, out), seeds)
   for r in runs:   # every run's config error before the first run trains
     if not only or r.name in only:
       config_lib.from_config_dict(make_config(r, scale, data_glob))
@@ -301,8 +401,9 @@ def _stats(values):
 def collect(suite: str, out: str, scale: Scale, seeds: int, steps: int = 0) -> list[dict]:
   """One dict per cell with the seeds that finished: loss mean/std, bits, curve (seed 0)."""
   rows = []
-  for cell in suite_cells(suite, scale, steps):
-    got = [_load(out, dataclasses.replace(cell.run, seed=s)) for s in range(seeds)]
+  for cell in cells_for(suite, scale, steps, out):
+    n = min(seeds, cell.seeds) if cell.seeds else seeds
+    got = [_load(out, dataclasses.replace(cell.run, seed=s)) for s in range(n)]
     got = [g for g in got if g is not None]
     if not got:
       continue
@@ -465,6 +566,10 @@ def write_report(suite: str, rows: list[dict], docs: str, seeds: int) -> list[st
     ax.legend()
     ax.grid(alpha=0.3, which="both")
     plots = f"![loss against peak bits]({save(fig, 'peak')})\n"
+  elif suite == "sweep":
+    body, plots = _sweep_report(rows, save, plt)
+  elif suite == "budget":
+    body, plots = _budget_report(rows, save, plt)
   else:
     cols = [("evaluated parameters", lambda r: r["keys"]["eval_params"]), *_COMMON]
     body = _table(rows, cols)
@@ -487,10 +592,79 @@ def write_report(suite: str, rows: list[dict], docs: str, seeds: int) -> list[st
   return files
 
 
-def report(suites, out, docs, scale, seeds, steps=0, log=print) -> list[str]:
+def _sweep_report(rows, save, plt):
+  """The η sweep: loss per (method, H, η), the best η per method in bold; loss against η."""
+  best = {}
+  for r in rows:
+    k = (r["keys"]["method"], r["keys"]["H"])
+    if k[0] != "DP" and (k not in best or r["loss"] < best[k]["loss"]):
+      best[k] = r
+  mark = lambda r, text: f"**{text}**" if best.get((r["keys"]["method"], r["keys"]["H"])) is r \
+      else text
+  cols = [("method", lambda r: r["label"]), ("H", lambda r: str(r["keys"]["H"] or "—")),
+          ("η", lambda r: f"{r['keys']['lr']:g}" if r["keys"]["lr"] else "—"),
+          ("eval loss", lambda r: mark(r, _fmt_loss(r))), ("vs DP", lambda r: _rel(rows, r))]
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for (method, H) in best:
+    sel = sorted((r for r in rows if (r["keys"]["method"], r["keys"]["H"]) == (method, H)),
+                 key=lambda r: r["keys"]["lr"])
+    ax.plot([r["keys"]["lr"] for r in sel], [r["loss"] for r in sel], marker="o",
+            label=f"{method} H={H}")
+  for r in rows:
+    if r["keys"]["method"] == "DP":
+      ax.axhline(r["loss"], color="k", linestyle="--", label="data-parallel")
+  ax.set_xlabel("outer learning rate η (Nesterov, μ = 0.9)")
+  ax.set_ylabel("final held-out loss (nats/byte)")
+  ax.legend()
+  ax.grid(alpha=0.3)
+  chosen = ", ".join(f"{m} H={h}: η = {r['keys']['lr']:g}" for (m, h), r in best.items())
+  return (_table(rows, cols) + f"\n\nBest η (lowest final loss): {chosen}.",
+          f"![loss against η]({save(fig, 'lr')})\n")
+
+
+def _budget_report(rows, save, plt):
+  """The headline at budget: the table, the targets met or not, and the M=2 loss curves."""
+  cols = [("M", lambda r: str(r["keys"]["M"])), ("H", lambda r: str(r["keys"]["H"] or "—")),
+          ("method", lambda r: r["label"]),
+          ("η", lambda r: f"{r['run'].outer_lr:g}" if r["run"].outer_lr else "—"),
+          ("seeds", lambda r: str(r["n"])), *_COMMON, ("vs DP", lambda r: _rel(rows, r))]
+  dp = {r["keys"]["M"]: r for r in rows if r["keys"]["method"] == "DP"}
+  lines = []
+  for H in sorted({r["keys"]["H"] for r in rows if r["keys"]["method"] == "SD"}):
+    sd = [r for r in rows if r["keys"] == dict(method="SD", H=H, M=2, delay="τ=1")]
+    if not sd or 2 not in dp:
+      continue
+    gap = 100 * (sd[0]["loss"] / dp[2]["loss"] - 1)
+    lines.append(f"- Streaming DiLoCo H={H}, M=2, within +2 % of data-parallel: "
+                 f"{'met' if gap <= 2 else '**not met**'} ({gap:+.2f} %)")
+    if H >= 100:
+      ratio = sd[0]["dp_bits"] / sd[0]["bits"]
+      lines.append(f"- Streaming DiLoCo H={H}, ≥ 400× fewer bits than data-parallel: "
+                   f"{'met' if ratio >= 400 else '**not met**'} ({ratio:.0f}×)")
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  for r in rows:
+    if r["keys"]["M"] == 2 and r["curve"]:
+      x, y = zip(*r["curve"])
+      H = r["keys"]["H"]
+      ax.plot(x, y, marker=".", label=r["label"] + (f" H={H}" if H else ""))
+  ax.set_xlabel("training tokens (bytes)")
+  ax.set_ylabel("held-out loss (nats/byte)")
+  ax.set_ylim(top=min(3.0, ax.get_ylim()[1]))
+  ax.legend(fontsize=8)
+  ax.grid(alpha=0.3)
+  return (_table(rows, cols) + "\n\n## Targets\n\n" + "\n".join(lines),
+          f"![loss curves, M=2]({save(fig, 'curves')})\n")
+
+
+def report(suites, out, docs, seeds, steps=0, log=print, smoke=False) -> list[str]:
   files = []
   for suite in suites:
-    rows = collect(suite, out, scale, seeds, steps)
+    scale = scale_for(suite, smoke)
+    try:
+      rows = collect(suite, out, scale, seeds, steps)
+    except SweepNotDone as e:
+      log(f"{suite}: {e}")
+      continue
     if not rows:
       log(f"{suite}: no finished runs under {out}, nothing to report")
       continue
@@ -503,12 +677,11 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   suite = _SUITE.value
-  if suite not in (*SUITES, "all"):
-    print(f"reproduce: --suite must be one of {', '.join(SUITES)} or all, got {suite!r}.",
-          file=sys.stderr)
+  if suite not in (*SUITES, *BUDGET_SUITES, "all"):
+    print(f"reproduce: --suite must be one of {', '.join(SUITES + BUDGET_SUITES)} or all, got "
+          f"{suite!r}.", file=sys.stderr)
     return 2
   suites = SUITES if suite == "all" else (suite,)
-  scale = SMOKE if _SMOKE.value else FULL
   if not _REPORT.value:   # the report reads JSON files only: no JAX
     from absl import logging  # noqa: PLC0415
     from diloco_jax import mesh  # noqa: PLC0415
@@ -518,13 +691,17 @@ def main(argv):
     for s in suites:
       t0 = time.perf_counter()
       try:
-        run_suite(s, _OUT.value, scale, _DATA.value, _SEEDS.value, _STEPS.value, _ONLY.value,
-                  log=lambda m: print(m, flush=True))
+        run_suite(s, _OUT.value, scale_for(s, _SMOKE.value), _DATA.value, _SEEDS.value,
+                  _STEPS.value, _ONLY.value, log=lambda m: print(m, flush=True))
       except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+      except SweepNotDone as e:
+        print(f"reproduce: {e}.", file=sys.stderr)
+        return 2
       print(f"suite {s}: {time.perf_counter() - t0:.0f} s", flush=True)
-  for path in report(suites, _OUT.value, _DOCS.value, scale, _SEEDS.value, _STEPS.value):
+  for path in report(suites, _OUT.value, _DOCS.value, _SEEDS.value, _STEPS.value,
+                     smoke=_SMOKE.value):
     print(f"wrote {path}")
   return 0
 

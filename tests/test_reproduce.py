@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from diloco_jax import train
+from diloco_jax import config as config_lib, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "experiments", "reproduce.py")
@@ -104,7 +104,7 @@ def test_smoke_suite_end_to_end_and_resume(tmp_path, text_glob, monkeypatch):
   assert [(r.name, status) for r, status in done] == [(first, "ran")]
   assert os.path.exists(os.path.join(out, first, "summary.json"))
 
-  files = rp.report(["fragments"], out, docs, rp.SMOKE, seeds=1, log=lambda m: None)
+  files = rp.report(["fragments"], out, docs, seeds=1, log=lambda m: None, smoke=True)
   assert os.path.join(docs, "fragments.md") in files
   pngs = [f for f in files if f.endswith(".png")]
   assert pngs and all(os.path.getsize(f) > 1000 for f in pngs)
@@ -137,16 +137,21 @@ def test_smoke_suite_end_to_end_and_resume(tmp_path, text_glob, monkeypatch):
   assert os.path.getmtime(os.path.join(out, first, "summary.json")) == mtime
 
 
+def _fake_finished(root, run, loss, bits=10, dp_bits=100):
+  """A hand-written finished run: summary.json and one metrics row."""
+  wd = root / run.name
+  wd.mkdir()
+  (wd / "summary.json").write_text(
+      '{"final_eval_loss": %s, "bits_sent_per_worker": %s, "peak_bits_per_step": 5, '
+      '"dp_bits_sent_per_worker": %s, "num_params": 7, "num_steps": 12}' % (loss, bits, dp_bits))
+  (wd / "metrics.jsonl").write_text('{"step": 12, "eval_loss": %s, "tokens_seen": 9}\n' % loss)
+
+
 def test_seeds_give_mean_and_spread(tmp_path):
   # collect() on hand-written summaries: two seeds of one cell -> mean and sample std.
   cell = rp.suite_cells("evaluated", rp.SMOKE)[0]
   for seed, loss in ((0, 2.0), (1, 2.2)):
-    wd = tmp_path / dataclasses.replace(cell.run, seed=seed).name
-    wd.mkdir()
-    (wd / "summary.json").write_text(
-        '{"final_eval_loss": %s, "bits_sent_per_worker": 10, "peak_bits_per_step": 5, '
-        '"dp_bits_sent_per_worker": 100, "num_params": 7, "num_steps": 12}' % loss)
-    (wd / "metrics.jsonl").write_text('{"step": 12, "eval_loss": %s, "tokens_seen": 9}\n' % loss)
+    _fake_finished(tmp_path, dataclasses.replace(cell.run, seed=seed), loss)
   rows = rp.collect("evaluated", str(tmp_path), rp.SMOKE, seeds=2)
   assert len(rows) == 1 and rows[0]["n"] == 2
   assert rows[0]["loss"] == pytest.approx(2.1)
@@ -160,3 +165,48 @@ def test_bad_suite_is_one_sentence_and_exit_2():
   assert proc.returncode == 2
   lines = proc.stderr.strip().splitlines()
   assert len(lines) == 1 and "--suite must be one of" in lines[0] and "'bogus'" in lines[0]
+
+
+def test_budget_takes_each_methods_best_sweep_lr_and_reports_the_targets(tmp_path):
+  scale = rp.BUDGET
+  assert scale.main_steps * scale.global_batch * scale.seq_len == pytest.approx(20 * 427_008,
+                                                                              rel=1e-3)
+  sweep = rp.suite_cells("sweep", scale)
+  assert len(sweep) == 1 + 3 * len(rp.OUTER_LRS)
+  assert {c.run.T for c in sweep} == {scale.ablation_steps}
+  with pytest.raises(rp.SweepNotDone, match=r"run --suite=sweep first"):
+    rp.budget_cells(scale, rp.best_outer_lrs(str(tmp_path), scale))
+  best = {("DiLoCo", 30): 0.8, ("SD", 30): 0.6, ("SD", 100): 1.0}
+  for c in sweep:   # the loss is lowest at the η in `best`
+    k = (c.keys["method"], c.keys["H"])
+    _fake_finished(tmp_path, c.run, 2.0 + (0 if k not in best else abs(c.keys["lr"] - best[k])))
+  assert rp.best_outer_lrs(str(tmp_path), scale) == best
+  cells = rp.budget_cells(scale, best)
+  for c in cells:   # every run is a valid config, before anything trains
+    config_lib.from_config_dict(rp.make_config(c.run, scale, "/dev/null"))
+    if c.run.method != "dp":
+      assert c.run.outer_lr == best["DiLoCo" if c.run.method == "diloco" else "SD", c.run.H]
+  runs = rp.unique_runs(cells, 3)
+  assert len(runs) == 4 * 3 + 4 + 2   # M=2 × 3 seeds, M=4 and the two delays with one seed
+  assert {r.delay for r in runs} == {"none", "eager", "naive"}
+  assert all(r.tau == 0 for r in runs if r.delay != "none")
+  # The targets, from hand-written results: H=30 within 2 %, H=100 not, 500× fewer bits.
+  results = tmp_path / "budget"
+  results.mkdir()
+  for r in runs:
+    loss = {"dp": 2.0, "diloco": 2.1}.get(r.method, 2.03 if r.H == 30 else 2.06)
+    _fake_finished(results, r, loss + 0.01 * r.seed, bits=1 if r.H == 100 else 10, dp_bits=500)
+  for c in sweep:
+    _fake_finished(results, c.run, 2.0 + (0 if (c.keys["method"], c.keys["H"]) not in best
+                                          else abs(c.keys["lr"] - best[c.keys["method"],
+                                                                       c.keys["H"]])))
+  files = rp.report(["sweep", "budget"], str(results), str(tmp_path / "docs"), seeds=3,
+                    log=lambda m: None)
+  text = open(tmp_path / "docs" / "budget.md", encoding="utf-8").read()
+  # Means over three seeds (+0, +0.01, +0.02): SD 2.04 and 2.07 against DP 2.01.
+  assert "H=30, M=2, within +2 % of data-parallel: met (+1.49 %)" in text
+  assert "H=100, M=2, within +2 % of data-parallel: **not met** (+2.99 %)" in text
+  assert "≥ 400× fewer bits than data-parallel: met (500×)" in text
+  assert "2.0100 ± 0.0100" in text   # three seeds at M=2
+  assert "**2.0000**" in open(tmp_path / "docs" / "sweep.md", encoding="utf-8").read()
+  assert all(os.path.getsize(f) > 1000 for f in files if f.endswith(".png"))
