@@ -12,7 +12,7 @@ import functools
 
 import jax
 
-from diloco_jax import algorithm, collectives, data, inner, outer, retrieval, sharding
+from diloco_jax import algorithm, collectives, data, inner, outer, retrieval, sharding, tokenizer
 from diloco_jax import mesh as mesh_lib
 from diloco_jax import model as model_lib
 from diloco_jax.config import ConfigError, RunConfig, make_fragments, param_specs, sync_every
@@ -31,6 +31,10 @@ def make_source(rc: RunConfig, split: str = "train"):
   if d.source == "synthetic":
     return data.SyntheticLanguage(vocab_size=d.vocab_size, num_classes=d.num_classes,
                                   seed=rc.seed)
+  if d.tokenizer != tokenizer.BYTES:   # subword: shards prepared once, then reused
+    files = list(d.files)
+    out = tokenizer.cache_dir(files, d.tokenizer, d.token_cache)
+    return tokenizer.TokenShards(tokenizer.prepare(files, d.tokenizer, out), split)
   try:
     text = data.TextBytes(list(d.files), seq_len=d.seq_len, split=split)
   except (ValueError, FileNotFoundError) as e:

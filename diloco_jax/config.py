@@ -27,6 +27,7 @@ import jax
 
 from diloco_jax import collectives, fragments, outer, quantize, retrieval, sharding
 from diloco_jax import mesh as mesh_lib
+from diloco_jax import tokenizer as tokenizer_lib
 from diloco_jax import model as model_lib
 
 ALGORITHMS = ("dp", "diloco", "streaming")
@@ -266,7 +267,11 @@ class DataConfig:
   num_classes: int = 16            # synthetic: word classes
   retrieval: Any = None            # text: data.retrieval.*, RetrievalConfig's keys (needle
                                    # episodes packed into a fraction of the training windows)
+  tokenizer: str = "bytes"         # text: "bytes", or a SentencePiece .model (tokenizer.py)
+  token_cache: str = ""            # text + SentencePiece: where the prepared shards go
+                                   # ("": ~/.cache/diloco_jax/tokens)
   files: tuple[str, ...] = dataclasses.field(init=False)   # text: the files `paths` name
+  subword_vocab: int = dataclasses.field(init=False, default=0)   # the model's vocabulary
 
   def __post_init__(self):
     _choice("data.source", self.source, SOURCES)
@@ -293,6 +298,21 @@ class DataConfig:
       if not paths:
         raise ConfigError("data.paths must name at least one file for data.source='text'")
       _set(self, "files", expand_paths(paths))
+    if not isinstance(self.tokenizer, str) or not isinstance(self.token_cache, str):
+      raise ConfigError(f"data.tokenizer and data.token_cache must be strings, got "
+                        f"{self.tokenizer!r} and {self.token_cache!r}")
+    if self.tokenizer != tokenizer_lib.BYTES:
+      if self.source != "text":
+        raise ConfigError(f"data.tokenizer={self.tokenizer!r} tokenizes text files; it needs "
+                          f"data.source='text' (use 'bytes' for synthetic data)")
+      if rcfg.fraction:
+        raise ConfigError("data.retrieval.fraction needs data.tokenizer='bytes' (needle "
+                          "episodes, their answers and the needle evaluation are byte-level)")
+      try:
+        tokenizer_lib.check_model(self.tokenizer)
+      except ValueError as e:
+        raise ConfigError(str(e)) from None
+      _set(self, "subword_vocab", tokenizer_lib.vocab_size(self.tokenizer))
     else:
       _integer("data.vocab_size", self.vocab_size, 2)
       if (isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int)
@@ -302,8 +322,11 @@ class DataConfig:
 
   @property
   def vocab(self) -> int:
-    """The tokens the source emits: bytes for text, data.vocab_size for synthetic."""
-    return TEXT_VOCAB if self.source == "text" else self.vocab_size
+    """The tokens the source emits: bytes (or the SentencePiece model's pieces) for text,
+    data.vocab_size for synthetic."""
+    if self.source == "text":
+      return self.subword_vocab or TEXT_VOCAB
+    return self.vocab_size
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

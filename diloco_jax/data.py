@@ -374,6 +374,19 @@ def entropy_floor(source) -> float | None:
   raise TypeError(f"source must be a SyntheticLanguage or TextBytes, got {type(source).__name__}.")
 
 
+def bytes_per_token(source) -> float | None:
+  """UTF-8 bytes one token of `source` stands for (1 for byte-level text and the retrieval mix
+  built on it), so a loss of ℓ nats per token is ℓ / (ln 2 · bytes_per_token) bits per byte, which
+  compares runs across tokenizers; None for the synthetic language (it has no bytes)."""
+  if isinstance(source, SyntheticLanguage):
+    return None
+  if hasattr(source, "bytes_per_token"):   # tokenizer.TokenShards: its split's bytes / tokens
+    return float(source.bytes_per_token)
+  if isinstance(source, TextBytes) or hasattr(source, "elements"):
+    return 1.0
+  raise TypeError(f"source must be a SyntheticLanguage or TextBytes, got {type(source).__name__}.")
+
+
 # ----------------------------------------------------------------------------------------------
 # Pipelines.
 # ----------------------------------------------------------------------------------------------

@@ -171,6 +171,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, stop_after: int | None 
   evaluate = _eval_fn(rc.model)
   router_tokens = eval_set[0, :, :-1] if router_frags else None
   floor = data.entropy_floor(source)
+  # nats per token -> bits per byte (text runs), so runs with other tokenizers compare.
+  bpt = data.bytes_per_token(eval_source)
+  to_bpb = (lambda nats: nats / (np.log(2.0) * bpt)) if bpt else None
 
   os.makedirs(workdir, exist_ok=True)
   if primary:   # what the run was (evals rebuild the model from it)
@@ -215,6 +218,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, stop_after: int | None 
     row = {"train_loss": vals.pop("loss"), **({"eval_loss": vals.pop("eval_loss")}
                                                if "eval_loss" in vals else {}), **vals, **host,
            "tokens_per_s": tps}
+    if to_bpb:
+      row.update({f"{k}_bits_per_byte": float(to_bpb(row[f"{k}_loss"]))
+                  for k in ("train", "eval") if f"{k}_loss" in row})
     if writer is not None:
       writer.write(step, row)
     if progress is not None:
@@ -282,6 +288,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, stop_after: int | None 
   summary = {
       "algorithm": rc.algorithm, "num_workers": M, "inner_steps": rc.diloco.inner_steps,
       "num_steps": T, "final_eval_loss": final_eval,
+      "final_eval_bits_per_byte": float(to_bpb(final_eval)) if to_bpb else None,
       "final_train_loss": None if last_row is None else last_row["train_loss"],
       "entropy_floor": floor,
       "gap_to_floor": None if floor is None else final_eval - floor,
@@ -334,7 +341,9 @@ def format_summary(s: dict) -> str:
   lines = [f"{s['algorithm']}: M={s['num_workers']} H={s['inner_steps']} T={s['num_steps']} "
            f"({s['num_params']:,} params{sparse}, "
            f"{s.get('active_flops_per_token', 0) / 1e6:.2f} MFLOP/token)",
-           f"  final eval loss   {s['final_eval_loss']:.4f}"]
+           f"  final eval loss   {s['final_eval_loss']:.4f}"
+           + (f"  ({s['final_eval_bits_per_byte']:.4f} bits/byte)"
+              if s.get("final_eval_bits_per_byte") else "")]
   if s["entropy_floor"] is not None:
     lines.append(f"  entropy floor     {s['entropy_floor']:.4f}  (gap {s['gap_to_floor']:.4f} nats)")
   lines.append(f"  bits sent/worker  {s['bits_sent_per_worker']:.4g}  (peak {s['peak_bits_per_step']:.4g} in one step)")

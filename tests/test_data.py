@@ -32,6 +32,7 @@ def test_entropy_rate_golden_and_bounds(lang):
   assert h == pytest.approx(3.7492126507594334, rel=1e-12)
   assert 0.0 < h < math.log(256) - 1.0  # learnable: well below the uniform-guess loss
   assert data.entropy_floor(lang) == h
+  assert data.bytes_per_token(lang) is None   # no bytes behind the synthetic tokens
 
 
 def test_entropy_rate_matches_monte_carlo(lang):
@@ -227,6 +228,7 @@ def test_text_chunks_and_heldout_split(numbered_file):
   assert not train_bytes & eval_bytes
   assert train_bytes | eval_bytes == set(range(800))
   assert data.entropy_floor(train) is None
+  assert data.bytes_per_token(train) == 1.0   # one token per byte
   with pytest.raises(IndexError, match="out of range"):
     train[90]
 

@@ -279,6 +279,9 @@ def test_heldout_and_per_position_loss_match_the_model_loss(run, params):
   want = -np.take_along_axis(logp, targets, -1)[..., 0].mean(0)
   np.testing.assert_allclose(per_position, want, rtol=1e-5)
   np.testing.assert_allclose(loss, summary["final_eval_loss"], rtol=1e-5)  # the run's own number
+  # Byte-level text: bits per byte is the loss in bits.
+  assert summary["final_eval_bits_per_byte"] == pytest.approx(
+      summary["final_eval_loss"] / np.log(2.0), rel=1e-12)
   assert heldout.position_buckets(np.arange(16.0)) == [
       (0, 0, 0.0), (1, 2, 1.5), (3, 6, 4.5), (7, 14, 10.5), (15, 15, 15.0)]
 

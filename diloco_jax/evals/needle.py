@@ -362,7 +362,8 @@ def main(argv: list[str]) -> int:
   logging.set_verbosity(logging.WARNING)
   try:
     rc = config_lib.from_config_dict(config)
-    if rc.model.vocab_size < 256 or (rc.data.source != "text" and not fv.haystack):
+    if (rc.model.vocab_size < 256 or rc.data.tokenizer != "bytes"
+        or (rc.data.source != "text" and not fv.haystack)):
       return _fail("config error", f"the needle prompts are UTF-8 bytes, but this run trained on "
                    f"data.source={rc.data.source!r} with a vocabulary of {rc.model.vocab_size}; "
                    f"it needs a byte-level (data.source='text') run.")

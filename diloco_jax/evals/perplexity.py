@@ -295,6 +295,10 @@ def main(argv: list[str]) -> int:
   logging.set_verbosity(logging.WARNING)
   try:
     rc = config_lib.from_config_dict(config)
+    if rc.data.tokenizer != "bytes":
+      return _fail("config error", f"the long-context loss is measured per byte position, but "
+                   f"this run trained with data.tokenizer={rc.data.tokenizer!r}; it needs a "
+                   f"byte-level run.")
     seq_len = fv.seq_len or rc.data.seq_len
     if rc.model.attention == "blockwise" and seq_len % rc.model.attention_block:
       return _fail("flag error", f"--seq_len={seq_len} must be a multiple of the run's "

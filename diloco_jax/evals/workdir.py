@@ -110,7 +110,8 @@ def evaluate_workdir(workdir: str, rc: RunConfig, *, which: str | None = None,
   which = which or rc.eval.params
   tasks = dict(tasks or {})
   L = rc.data.seq_len
-  if tasks and (rc.data.source != "text" or rc.model.vocab_size < 256):
+  if tasks and (rc.data.source != "text" or rc.model.vocab_size < 256
+                or rc.data.tokenizer != "bytes"):
     raise EvalError(f"multiple-choice tasks feed UTF-8 bytes to the model, but this run trained "
                     f"on data.source={rc.data.source!r} with a vocabulary of "
                     f"{rc.model.vocab_size}; they need a data.source='text' run.")

@@ -103,6 +103,10 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.data.seq_len = 64              # L, tokens per sequence
   c.data.vocab_size = 128          # synthetic vocabulary
   c.data.num_classes = 16          # synthetic word classes (its hidden syntax)
+  c.data.tokenizer = "bytes"       # text: "bytes" (vocab 256) or a SentencePiece .model
+                                   # (python -m diloco_jax.tokenizer train); its shards are
+                                   # prepared once under data.token_cache and reused
+  c.data.token_cache = ""          # "": ~/.cache/diloco_jax/tokens
   # text: needle-in-a-haystack episodes packed into a fraction of the training windows
   # (diloco_jax/retrieval.py; the held-out loss stays plain text).
   c.data.retrieval = ml_collections.ConfigDict()
