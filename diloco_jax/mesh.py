@@ -51,6 +51,11 @@ def set_cpu_device_count(n: int) -> None:
   flags.append(f"--xla_force_host_platform_device_count={n}")
   if not any(f.startswith("--xla_cpu_multi_thread_eigen") for f in flags):
     flags.append("--xla_cpu_multi_thread_eigen=false")
+  # XLA:CPU (jaxlib 0.10) hands dots and row reductions to YNNPACK by default; its reductions
+  # (the norms' means, the softmax sums) cost more than XLA's own loops: dots only made one
+  # worker's inner step 0.75-0.92x the CPU time, the same loss to 7 digits (docs/cpu_speed.md).
+  if not any(f.startswith("--xla_cpu_experimental_ynn_fusion_type") for f in flags):
+    flags.append("--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_DOT")
   os.environ["XLA_FLAGS"] = " ".join(flags)
   jax.config.update("jax_num_cpu_devices", n)
 

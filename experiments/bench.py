@@ -17,6 +17,12 @@ Run book:
     .venv/bin/python experiments/bench.py --model=35M --num_layers=0 --vocab_size=0 \
         --layers_per_fragment=3 --workers=2 --batch_size=4 --seq_len=1024
 
+  the torchft peer's workload (shared/peers/README.md: 2 blocks, d_model 128, 4 heads, GELU MLP
+  512, vocab 256, B = 8, L = 128, M = 4; Streaming DiLoCo with P = 3) against PyTorch's step of
+  the same model (docs/cpu_speed.md; about 5 minutes with --repeats=3):
+    .venv/bin/python experiments/bench.py --peer --layouts=false --attention=false \
+        --torch_python=/tmp/torchvenv/bin/python
+
 What it measures (medians over --repeats; the methods' repetitions are interleaved, so a busy
 neighbour on a shared machine slows every method alike and the ratios stay meaningful):
   throughput  tokens/s over whole H-step periods (inner steps plus every send, receive and sync
@@ -28,6 +34,11 @@ neighbour on a shared machine slows every method alike and the ratios stay meani
   FLOP/s      the inner step's FLOPs per second, counted two ways (XLA's `cost_analysis()` of the
               compiled program, and 6·N·tokens), as a fraction of a dense fp32 matmul's FLOP/s
               measured on the same devices in the same process.
+  torch       with torch importable here or a --torch_python: one worker's inner step on one
+              device vs experiments/torch_step.py's PyTorch implementation of the same model and
+              optimizer at one thread, interleaved: the same loss at the same params is checked
+              first, then CPU ms per step and ours / torch (goal <= 1). Without torch, one line
+              says it was skipped.
   layouts     Streaming DiLoCo (the streaming method's config, M=2 workers) with each worker
               replicated (mesh.data=1, mesh.model=1: every param P()), FSDP (mesh.data=4) and
               FSDP+TP (mesh.data=2, mesh.model=2), built from RunConfigs by build.make_mesh,
@@ -83,6 +94,17 @@ from diloco_jax import model as model_lib  # noqa: E402
 _MODEL = flags.DEFINE_string("model", "tiny", "model preset: tiny, or the paper family 35M ... 4B")
 _NUM_LAYERS = flags.DEFINE_integer("num_layers", 4, "transformer blocks; 0: the preset's")
 _VOCAB = flags.DEFINE_integer("vocab_size", 128, "vocabulary of the random tokens; 0: the preset's")
+_D_MODEL = flags.DEFINE_integer("d_model", 0, "model width; 0: the preset's")
+_HEADS = flags.DEFINE_integer("num_heads", 0, "attention heads; 0: the preset's")
+_FFN = flags.DEFINE_integer("ffn_dim", 0, "MLP hidden size; 0: the preset's")
+_MLP = flags.DEFINE_string("mlp", "", "'swiglu' or 'gelu'; '': the preset's")
+_PEER = flags.DEFINE_bool("peer", False, "the torchft peer's workload (shared/peers/README.md): "
+                          "2 blocks, d_model 128, 4 heads, GELU MLP 512, vocab 256, B = 8, "
+                          "L = 128, M = 4 (explicit flags win)")
+_TORCH_PYTHON = flags.DEFINE_string(
+    "torch_python", "", "a Python with torch (e.g. /tmp/torchvenv/bin/python): also time "
+    "experiments/torch_step.py's PyTorch implementation of the same model and inner step, one "
+    "thread, interleaved with ours; '': torch in this Python if importable, else skipped")
 _WORKERS = flags.DEFINE_integer("workers", 4, "M, workers (replicas)")
 _CPU_DEVICES = flags.DEFINE_integer("cpu_devices", 0, "simulated CPU devices; 0: one per worker")
 _BATCH = flags.DEFINE_integer("batch_size", 4, "sequences per worker per step (B)")
@@ -110,9 +132,15 @@ _ATTN_LENGTHS = flags.DEFINE_list("attention_lengths", ["1024", "4096", "16384"]
 _ATTN_TIMED = flags.DEFINE_integer("attention_timed_length", 4096, "attention section: the "
                                    "length at which dense and blockwise are timed")
 
-# --quick replaces these defaults (a flag given on the command line still wins).
+# --peer replaces these defaults: the torchft peer's model and batch (the peer's learned positions,
+# LayerNorm and biases are not ours; the torch section times the same maths as ours).
+PEER = dict(num_layers=2, vocab_size=256, d_model=128, num_heads=4, ffn_dim=512, mlp="gelu",
+            workers=4, batch_size=8, seq_len=128, inner_steps=24, layers_per_fragment=1)
+# --quick replaces these defaults (a flag given on the command line still wins). The attention
+# lengths are two and four tiles: with one tile (L = 128) XLA plans a smaller program than the
+# tiled one, which would make a two-point growth check meaningless.
 QUICK = dict(num_layers=1, vocab_size=32, workers=2, batch_size=2, seq_len=8, inner_steps=2,
-             layers_per_fragment=1, repeats=2, matmul_size=64, attention_lengths=["128", "256"],
+             layers_per_fragment=1, repeats=2, matmul_size=64, attention_lengths=["256", "512"],
              attention_timed_length=256)
 
 METHODS = ("dp", "diloco", "streaming")
@@ -138,6 +166,10 @@ class Settings:
   model: str
   num_layers: int
   vocab_size: int
+  d_model: int
+  num_heads: int
+  ffn_dim: int
+  mlp: str
   workers: int
   cpu_devices: int
   batch_size: int
@@ -155,6 +187,7 @@ class Settings:
   attention: bool
   attention_lengths: list
   attention_timed_length: int
+  torch_python: str
 
 
 def settings_from_flags() -> Settings:
@@ -162,7 +195,8 @@ def settings_from_flags() -> Settings:
   for f in dataclasses.fields(Settings):
     flag = flags.FLAGS[f.name]
     quick = _QUICK.value and f.name in QUICK and not flag.present
-    values[f.name] = QUICK[f.name] if quick else flag.value
+    peer = _PEER.value and f.name in PEER and not flag.present
+    values[f.name] = QUICK[f.name] if quick else PEER[f.name] if peer else flag.value
   s = Settings(**values)
   if s.steps == 0:
     s = dataclasses.replace(s, steps=s.inner_steps)
@@ -266,6 +300,8 @@ def _config_dict(s: Settings, name: str, total_steps: int):
   c = _family("streaming" if name == "streaming" else "diloco").get_config("tiny")
   c.algorithm = name
   c.model.preset, c.model.num_layers = s.model, s.num_layers
+  c.model.d_model, c.model.num_heads, c.model.ffn_dim = s.d_model, s.num_heads, s.ffn_dim
+  c.model.mlp = s.mlp
   # The tokens are random: the data section only sets the vocabulary (0: the preset's).
   c.data.vocab_size = s.vocab_size or model_lib.PRESETS.get(s.model, {}).get("vocab_size", 0)
   c.data.seq_len = s.seq_len
@@ -494,6 +530,9 @@ def run(s: Settings) -> dict:
               for k in ("period", "inner")}
   sync_cpu_s = {name: H * (cpu_step["period"][name] - cpu_step["inner"][name])
                 for name in METHODS}
+  # After the methods: it times alone. Worker 0's rows of the bench's batches.
+  torch_cmp = run_torch(s, rcs["diloco"], params, runners["diloco"].algo.inner_opt,
+                        np.stack([np.asarray(b)[0] for b in batches]))
   layouts = run_layouts(s) if s.layouts else None   # after the methods: it times alone
   attention = run_attention(s) if s.attention else None
   return {
@@ -534,6 +573,7 @@ def run(s: Settings) -> dict:
       "flops": {"matmul": {"n": s.matmul_size, "devices": mesh.devices.size,
                            "flops_per_s": matmul_med, "samples": matmul_fps},
                 **flops},
+      "torch": torch_cmp,
       "layouts": layouts,
       "attention": attention,
   }
@@ -599,6 +639,157 @@ def run_layouts(s: Settings) -> dict:
           "tokens_per_step": tokens_per_step, "inner_steps_timed": s.steps,
           "codec": s.codec, "codec_block_size": LAYOUT_BLOCK_SIZE, "host_cpus": os.cpu_count(),
           "rows": rows}
+
+
+# ------------------------------------------------------------------------------------- torch
+TORCH_STEP = os.path.join(os.path.dirname(os.path.abspath(__file__)), "torch_step.py")
+TORCH_REPEATS = 7   # at most; interleaved repetitions of the per-worker comparison
+
+
+def _torch_python(s: Settings) -> tuple[str | None, str]:
+  """(the Python to run torch_step.py with, or None; why not)."""
+  if s.torch_python:
+    if not os.access(s.torch_python, os.X_OK):
+      return None, f"--torch_python={s.torch_python} is not an executable"
+    return s.torch_python, ""
+  if importlib.util.find_spec("torch") is not None:
+    return sys.executable, ""
+  return None, ("torch is not importable here; pass --torch_python=<a python with torch>, e.g. "
+                "python3 -m venv /tmp/torchvenv && /tmp/torchvenv/bin/pip install torch numpy")
+
+
+class _TorchServer:
+  """experiments/torch_step.py --serve in a subprocess (one intra-op thread): one JSON line per
+  command each way."""
+
+  def __init__(self, python: str):
+    import subprocess
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    self.proc = subprocess.Popen([python, TORCH_STEP, "--serve", "--threads=1"], env=env,
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True)
+
+  def ask(self, **msg) -> dict:
+    self.proc.stdin.write(json.dumps(msg) + "\n")
+    self.proc.stdin.flush()
+    line = self.proc.stdout.readline()
+    if not line:
+      raise RuntimeError(f"torch_step.py exited: {self.proc.stderr.read()[-2000:]}")
+    return json.loads(line)
+
+  def close(self):
+    try:
+      self.ask(cmd="quit") if self.proc.poll() is None else None
+    except (RuntimeError, BrokenPipeError, ValueError):
+      pass
+    self.proc.wait(timeout=30)
+
+
+def run_torch(s: Settings, rc: config_lib.RunConfig, params, inner_opt, tokens) -> dict:
+  """One worker's inner step (forward + backward + the inner optimizer) on one device, ours vs
+  torch_step.py's PyTorch implementation of the same model and optimizer at one thread,
+  interleaved: CPU seconds per step (each process's own clock) and their ratio, after checking
+  that both compute the same loss on the same params and batches. `tokens` [n, B, L+1]."""
+  import functools
+  import tempfile
+  python, why = _torch_python(s)
+  if python is None:
+    return {"skipped": why}
+  cfg, t = rc.model, rc.train
+  loss_fn = functools.partial(model_lib.loss_fn, cfg)
+  device = jax.devices()[0]
+  ours = jax.jit(lambda p, o, b: _worker_step(loss_fn, inner_opt, p, o, b),
+                 donate_argnums=(0, 1))
+  host = jax.device_get(params)
+  state = jax.device_put((host, inner_opt.init(host)), device)
+  batches = [jax.device_put(b, device) for b in tokens]
+  our_losses = [float(jax.jit(loss_fn)(state[0], b)[0]) for b in batches]
+  flat = {"/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path): np.asarray(x)
+          for path, x in jax.tree_util.tree_flatten_with_path(host)[0]}
+  opt = {"learning_rate": t.learning_rate, "warmup_steps": t.warmup_steps,
+         "num_steps": t.num_steps, "final_lr_fraction": t.final_lr_fraction, "b1": t.b1,
+         "b2": t.b2, "grad_clip": t.grad_clip or 0.0,
+         "weight_decay": 1.0 / t.num_steps if t.weight_decay is None else t.weight_decay}
+  model = {k: getattr(cfg, k) for k in ("vocab_size", "num_layers", "d_model", "num_heads",
+                                        "ffn_dim", "mlp", "norm_eps", "rope_base", "z_loss")}
+  steps = max(4, min(s.steps, 20))
+  server = _TorchServer(python)
+  try:
+    with tempfile.TemporaryDirectory() as tmp:
+      np.savez(os.path.join(tmp, "params.npz"), **flat)
+      np.save(os.path.join(tmp, "tokens.npy"), np.asarray(tokens))
+      init = server.ask(cmd="init", arch="ours", params=os.path.join(tmp, "params.npz"),
+                        tokens=os.path.join(tmp, "tokens.npy"), model=model, opt=opt)
+    if "error" in init:
+      raise RuntimeError(init["error"])
+
+    def run_ours(n):
+      nonlocal state
+      jax.block_until_ready(state)
+      clock = _Clock()
+      for i in range(n):
+        p, o, loss = ours(*state, batches[i % len(batches)])
+        state = (p, o)
+      jax.block_until_ready(state)
+      return clock.elapsed()
+
+    def run_torch_steps(n):
+      r = server.ask(cmd="time", steps=n)
+      return r["wall_s"], r["cpu_s"]
+
+    run_ours(2)
+    run_torch_steps(2)   # first calls outside the timing
+    timed = {"ours": run_ours, "torch": run_torch_steps}
+    samples = {name: {"wall": [], "cpu": []} for name in timed}
+    for rep in range(min(s.repeats, TORCH_REPEATS)):
+      for name in _rotated(tuple(timed), rep):
+        wall, cpu = timed[name](steps)
+        samples[name]["wall"].append(wall / steps)
+        samples[name]["cpu"].append(cpu / steps)
+  finally:
+    server.close()
+  med = statistics.median
+  ratio = {k: med(a / b for a, b in zip(samples["ours"][k], samples["torch"][k]))
+           for k in ("wall", "cpu")}
+  return {"python": python, "torch": init["torch"], "threads": init["threads"],
+          "steps_per_sample": steps, "our_losses": our_losses, "torch_losses": init["losses"],
+          "max_loss_diff": max(abs(a - b) for a, b in zip(our_losses, init["losses"])),
+          "samples_s": samples,
+          "step_s": {n: {k: med(v) for k, v in x.items()} for n, x in samples.items()},
+          "ours_over_torch": ratio,
+          "torch_tokens_per_s_all_cores": (os.cpu_count() or 1) * s.batch_size * s.seq_len
+                                           / med(samples["torch"]["cpu"])}
+
+
+def _worker_step(loss_fn, opt, params, opt_state, batch):
+  from diloco_jax import inner
+  p, o, loss, _ = inner.worker_step(loss_fn, opt, params, opt_state, batch)
+  return p, o, loss
+
+
+def format_torch(tr: dict, r: dict) -> list[str]:
+  if "skipped" in tr:
+    return [f"torch comparison: skipped ({tr['skipped']})"]
+  st, q = tr["step_s"], tr["ours_over_torch"]
+  M = r["settings"]["workers"]
+  inner_cpu = {n: r["tokens_per_step"] / r["throughput"]["inner"][n]["tokens_per_cpu_s"] / M
+               for n in ("diloco", "streaming")}
+  return [
+      f"one worker's inner step (forward + backward + AdamW, B = {r['settings']['batch_size']}, "
+      f"L = {r['settings']['seq_len']}) vs PyTorch {tr['torch']} (experiments/torch_step.py, "
+      f"the same model and optimizer, {tr['threads']} thread), medians of "
+      f"{len(tr['samples_s']['ours']['cpu'])} interleaved repetitions of "
+      f"{tr['steps_per_sample']} steps",
+      f"  same loss at the same params: max |ours - torch| = {tr['max_loss_diff']:.2e} over "
+      f"{len(tr['our_losses'])} batches",
+      f"  CPU ms per step: ours (one device) {st['ours']['cpu'] * 1e3:.1f}, torch "
+      f"{st['torch']['cpu'] * 1e3:.1f}; ours / torch {q['cpu']:.3f} (wall {q['wall']:.3f}; "
+      f"goal <= 1)",
+      f"  ours inside the M = {M} simulated-worker inner step: CPU ms per worker-step "
+      + ", ".join(f"{NAMES[n]} {v * 1e3:.1f} ({v / st['torch']['cpu']:.3f} of torch)"
+                  for n, v in inner_cpu.items()),
+      f"  torch at one thread per worker on all {os.cpu_count()} cores would make about "
+      f"{tr['torch_tokens_per_s_all_cores']:,.0f} tokens/s (inner steps only)"]
 
 
 # ------------------------------------------------------------------------------------ report
@@ -765,6 +956,7 @@ def format_report(r: dict) -> str:
   out.append("  (cost_analysis counts every HLO op of the compiled step, optimizer included, on "
              "every device; 6·N·tokens counts the matmuls of forward and backward with N = all "
              "params, the tied embedding once)")
+  out += [""] + format_torch(r["torch"], r)
   if r["layouts"] is not None:
     out += [""] + format_layouts(r["layouts"], r["devices"]["platform"], s["repeats"])
   if r["attention"] is not None:

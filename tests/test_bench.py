@@ -211,3 +211,17 @@ def test_attention_section_dense_holds_the_scores_and_blockwise_grows_linearly(r
     assert all(_positive(x) for x in timed["samples_s"][name]), name
     assert _positive(timed["dense_over"][name]), name
   assert timed["dense_over"]["dense"] == 1.0
+
+
+def test_torch_section_is_skipped_in_one_line_or_checks_the_same_loss(report):
+  """Without torch (the project's own venv) the report says why in one line; with it, both
+  implementations computed the same loss before being timed."""
+  tr = report["torch"]
+  if "skipped" in tr:
+    assert "torch" in tr["skipped"] and "\n" not in tr["skipped"], tr
+    return
+  assert len(tr["our_losses"]) == len(tr["torch_losses"]) >= 1
+  assert tr["max_loss_diff"] < 1e-4, tr
+  for name in ("ours", "torch"):
+    assert all(_positive(x) for x in tr["samples_s"][name]["cpu"]), (name, tr)
+  assert _positive(tr["ours_over_torch"]["cpu"]) and _positive(tr["ours_over_torch"]["wall"])
