@@ -22,6 +22,7 @@ import collections
 import dataclasses
 import functools
 import math
+import numbers
 from typing import Any, Callable, Sequence
 
 import jax
@@ -31,7 +32,8 @@ import optax
 from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from diloco_jax import collectives, fragments as fragments_lib, inner, mesh as mesh_lib, outer
+from diloco_jax import checks, collectives, fragments as fragments_lib, inner, mesh as mesh_lib
+from diloco_jax import outer
 from diloco_jax import sharding
 from diloco_jax.quantize import Codec, get_codec
 
@@ -121,19 +123,18 @@ class StreamingDiLoCo:
                error_feedback: bool = False, max_steps_in_flight: int = 2,
                param_specs=None, offload_outer: bool = False, sync_every=None,
                delay: str = "none"):
-    if num_workers < 1:
-      raise ValueError(f"diloco.num_workers (M) must be at least 1, got {num_workers}")
-    if inner_steps < 1:
-      raise ValueError(f"diloco.inner_steps (H) must be at least 1, got {inner_steps}")
-    if not 0.0 <= merge_alpha <= 1.0:
-      raise ValueError(f"diloco.merge_alpha (α) must be in [0, 1], got {merge_alpha}")
+    num_workers = checks.integer("num_workers (M)", num_workers, 1)
+    inner_steps = checks.integer("inner_steps (H)", inner_steps, 1)
+    merge_alpha = checks.real("merge_alpha (α)", merge_alpha, 0.0, 1.0)
     if wire not in collectives.WIRES:
       raise ValueError(f"diloco.wire must be one of {collectives.WIRES}, got {wire!r}")
-    taus = (overlap_steps,) * num_workers if isinstance(overlap_steps, int) else tuple(overlap_steps)
-    if len(taus) != num_workers or not all(isinstance(x, int) and 0 <= x < inner_steps
-                                           for x in taus):
+    is_int = lambda x: isinstance(x, numbers.Integral) and not isinstance(x, bool)
+    taus = ((overlap_steps,) * num_workers if is_int(overlap_steps)
+            else tuple(overlap_steps) if isinstance(overlap_steps, (tuple, list)) else ())
+    if len(taus) != num_workers or not all(is_int(x) and 0 <= x < inner_steps for x in taus):
       raise ValueError(f"diloco.overlap_steps (τ) must be an integer, or one per worker "
                        f"(M={num_workers}), each with 0 <= τ < H={inner_steps}; got {overlap_steps!r}")
+    taus = tuple(int(x) for x in taus)
     if delay not in DELAYS:
       raise ValueError(f"the outer delay must be one of {DELAYS}, got {delay!r}")
     if delay != "none" and (any(taus) or offload_outer):
@@ -757,9 +758,7 @@ class DispatchBound:
   """
 
   def __init__(self, k: int):
-    if k < 0:
-      raise ValueError(f"max_steps_in_flight must be >= 0, got {k}")
-    self.k = k
+    self.k = checks.integer("max_steps_in_flight", k, 0)
     self._markers = collections.deque()
 
   def reset(self) -> None:
@@ -816,8 +815,7 @@ class DataParallel:
   def __init__(self, loss_fn: LossFn, opt: optax.GradientTransformation, *, num_workers: int,
                mesh: Mesh | None = None, grad_dtype=jnp.float32, max_steps_in_flight: int = 2,
                param_specs=None):
-    if num_workers < 1:
-      raise ValueError(f"diloco.num_workers (M) must be at least 1, got {num_workers}")
+    num_workers = checks.integer("num_workers (M)", num_workers, 1)
     self.loss_fn = loss_fn
     self.opt = opt
     self.M = num_workers

@@ -36,7 +36,8 @@ def make_source(rc: RunConfig, split: str = "train"):
     out = tokenizer.cache_dir(files, d.tokenizer, d.token_cache)
     return tokenizer.TokenShards(tokenizer.prepare(files, d.tokenizer, out), split)
   try:
-    text = data.TextBytes(list(d.files), seq_len=d.seq_len, split=split)
+    text = data.TextBytes(list(d.files), seq_len=d.seq_len, split=split,
+                          check_utf8=d.check_utf8)
   except (ValueError, FileNotFoundError) as e:
     raise ConfigError(f"data.paths: {e}") from None
   # Retrieval episodes are mixed into the training windows only: the held-out loss stays plain

@@ -36,8 +36,36 @@ EVAL_PARAMS = ("outer", "worker_mean", "worker0")
 TEXT_VOCAB = 256   # data.source="text" reads bytes
 
 
-class ConfigError(ValueError):
+class InputError(ValueError):
+  """Bad input to a run (a flag, a path, a file); the message is one sentence naming it."""
+
+
+class ConfigError(InputError):
   """A bad config value; the message is one sentence naming the key and what is allowed."""
+
+
+def check_workdir(workdir: str) -> str:
+  """Creates the run's directory if it is missing; one sentence (InputError) if it is not a
+  directory, lies under a regular file, or cannot be created or written. Returns its path."""
+  if not isinstance(workdir, str) or not workdir:
+    raise InputError(f"--workdir must name a directory, got {workdir!r}")
+  path = os.path.abspath(os.path.expanduser(workdir))
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise InputError(f"--workdir={workdir} is an existing file, not a directory; name a "
+                     f"directory (it is created if missing)")
+  parent = path
+  while not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent):
+    raise InputError(f"--workdir={workdir} cannot be created: {parent} is a file, not a "
+                     f"directory")
+  try:
+    os.makedirs(path, exist_ok=True)
+  except OSError as e:
+    raise InputError(f"--workdir={workdir} cannot be created: {e.strerror}") from None
+  if not os.access(path, os.W_OK | os.X_OK):
+    raise InputError(f"--workdir={workdir} is not writable by this user")
+  return path
 
 
 # ----------------------------------------------------------------------------------- checks
@@ -270,6 +298,7 @@ class DataConfig:
   tokenizer: str = "bytes"         # text: "bytes", or a SentencePiece .model (tokenizer.py)
   token_cache: str = ""            # text + SentencePiece: where the prepared shards go
                                    # ("": ~/.cache/diloco_jax/tokens)
+  check_utf8: bool = True          # text: a file that is not valid UTF-8 is an error
   files: tuple[str, ...] = dataclasses.field(init=False)   # text: the files `paths` name
   subword_vocab: int = dataclasses.field(init=False, default=0)   # the model's vocabulary
 
@@ -283,6 +312,7 @@ class DataConfig:
     paths = tuple(paths)
     _set(self, "paths", paths)
     _set(self, "files", ())
+    _bool("data.check_utf8", self.check_utf8)
     rcfg = {} if self.retrieval is None else _plain(self.retrieval, "data.retrieval")
     try:   # RetrievalConfig's messages name the data.retrieval.* key
       rcfg = retrieval.RetrievalConfig(**_keyword_args(retrieval.RetrievalConfig, rcfg,

@@ -26,6 +26,7 @@ typed arguments).
 from __future__ import annotations
 
 import bisect
+import codecs
 import functools
 import glob
 import math
@@ -228,6 +229,43 @@ def _stationary_distribution(t: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------
 
 
+_UTF8_CHUNK = 1 << 24
+
+
+@functools.lru_cache(maxsize=None)
+def _utf8_error(path: str, size: int, mtime_ns: int) -> str | None:
+  """The first decoding error of the file as a sentence, or None if it is valid UTF-8 (cached
+  per file version: the train and eval splits, and every later source, reuse the answer)."""
+  del size, mtime_ns   # the cache key
+  decoder = codecs.getincrementaldecoder("utf-8")()
+  offset = 0
+  with open(path, "rb") as f:
+    while True:
+      chunk = f.read(_UTF8_CHUNK)
+      try:
+        decoder.decode(chunk, final=not chunk)
+      except UnicodeDecodeError as e:
+        # e.start counts from the decoder's buffered tail (at most 3 bytes of a split character)
+        # plus this chunk.
+        pending = len(e.object) - len(chunk)
+        bad = offset - pending + e.start
+        return (f"text file {path!r} is not UTF-8 text: byte 0x{e.object[e.start]:02x} at "
+                f"offset {bad} ({e.reason}); set data.check_utf8=False to read its raw bytes "
+                f"anyway.")
+      if not chunk:
+        return None
+      offset += len(chunk)
+
+
+def check_utf8_file(path: str) -> None:
+  """Raises ValueError (one sentence naming the file and its first bad byte's offset) unless
+  the file is valid UTF-8."""
+  st = os.stat(path)
+  error = _utf8_error(os.path.abspath(path), st.st_size, st.st_mtime_ns)
+  if error:
+    raise ValueError(error)
+
+
 def _resolve_paths(paths: Sequence[str] | str) -> list[str]:
   """Files named by `paths`: file paths, glob patterns, or directories (all ``*.txt`` in them)."""
   if isinstance(paths, (str, os.PathLike)):
@@ -272,6 +310,9 @@ class TextBytes:
     split: ``"train"`` or ``"eval"``.
     heldout_fraction: fraction of each file's bytes (its tail) reserved for ``"eval"``, in
       ``[0, 1)``.
+    check_utf8: reject a file that is not valid UTF-8 (e.g. a binary file named by mistake),
+      naming it and the offset of its first bad byte. Each file is checked once per process
+      (about 1 s per GB); False reads any file's bytes as they are.
   """
 
   vocab_size = 256
@@ -282,6 +323,7 @@ class TextBytes:
     seq_len: int,
     split: str = "train",
     heldout_fraction: float = 0.01,
+    check_utf8: bool = True,
   ):
     seq_len = _check_int("seq_len", seq_len, 1)
     split = _check_split(split)
@@ -295,6 +337,8 @@ class TextBytes:
           f"text file {path!r} has {size} bytes, fewer than one sequence of "
           f"seq_len + 1 = {seq_len + 1} bytes."
         )
+      if check_utf8:
+        check_utf8_file(path)
       files.append((path, np.memmap(path, dtype=np.uint8, mode="r")))
     self._init(files, seq_len, split, float(heldout_fraction))
 

@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from diloco_jax import checks
+
 PyTree = Any
 LossFn = Callable[[PyTree, jax.Array], tuple[jax.Array, dict]]
 
@@ -30,6 +32,8 @@ def inner_optimizer(
   """AdamW as in the scaling-laws paper: linear warm-up, cosine decay to 5 % of peak, weight
   decay 1/T by default (optax scales it by the learning rate, like PyTorch's AdamW), global-norm
   clipping of the inner gradients."""
+  num_steps = checks.integer("num_steps", num_steps, 1)
+  warmup_steps = checks.integer("warmup_steps", warmup_steps, 0)
   warmup_steps = min(warmup_steps, max(num_steps - 1, 0))
   schedule = optax.warmup_cosine_decay_schedule(
       init_value=0.0,

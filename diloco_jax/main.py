@@ -46,8 +46,9 @@ def main(argv):
     return 2
   try:
     rc = config_lib.from_config_dict(config)   # starts no JAX backend
-  except config_lib.ConfigError as e:
-    print(f"config error: {e}", file=sys.stderr)
+    config_lib.check_workdir(_WORKDIR.value)
+  except config_lib.InputError as e:
+    print(f"{_kind(e)} error: {e}", file=sys.stderr)
     return 2
   num_processes = group.num_processes if group is not None and group.num_processes else 1
   devices = build.cpu_devices_for(rc)
@@ -61,12 +62,17 @@ def main(argv):
   mesh.set_cpu_device_count(devices // num_processes)   # CPU only: devices of this process
   try:
     summary = train.run(config, _WORKDIR.value, log_all_processes=_LOG_ALL.value)
-  except config_lib.ConfigError as e:
-    print(f"config error: {e}", file=sys.stderr)
+  except config_lib.InputError as e:
+    print(f"{_kind(e)} error: {e}", file=sys.stderr)
     return 2
   if distributed.is_primary():
     print(train.format_summary(summary))
   return 0
+
+
+def _kind(e: Exception) -> str:
+  from diloco_jax import config as config_lib  # noqa: PLC0415
+  return "config" if isinstance(e, config_lib.ConfigError) else "input"
 
 
 if __name__ == "__main__":

@@ -29,6 +29,8 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec as P
 
+from diloco_jax import checks
+
 WORKER = "worker"
 DATA = "data"
 EXPERT = "expert"
@@ -94,6 +96,7 @@ def device_grid(num_workers: int, data: int = 1, model: int = 1, devices=None, *
   Works on any objects with JAX's device attributes (`platform`, `process_index`, and for TPU
   `slice_index`, `coords`, `core_on_chip`, `device_kind`), so it is tested on fake topologies.
   """
+  num_workers = checks.integer("num_workers (M)", num_workers, 1)
   devices = list(jax.devices() if devices is None else devices)
   inner = inner_sizes(data, model, expert, context)
   per_worker = int(np.prod(inner))

@@ -23,7 +23,7 @@ from diloco_jax import mesh as mesh_lib
 from diloco_jax import metrics as metrics_lib
 from diloco_jax import model as model_lib
 from diloco_jax.model import moe as moe_lib
-from diloco_jax.config import ConfigError, RunConfig  # noqa: F401  (the trainer's error type)
+from diloco_jax.config import ConfigError, InputError, RunConfig  # noqa: F401  (its errors)
 
 
 @functools.lru_cache(maxsize=None)
@@ -128,6 +128,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, stop_after: int | None 
   saved so far are kept, no summary is written, and running again resumes.
   """
   rc = config_lib.from_config_dict(config)   # every config error, before anything compiles
+  config_lib.check_workdir(workdir)          # and a workdir that cannot be one
   M, T, B, L = rc.diloco.num_workers, rc.train.num_steps, rc.train.batch_size, rc.data.seq_len
   source = build.make_source(rc)
   eval_source = build.make_source(rc, "eval") if rc.data.source == "text" else source
@@ -175,7 +176,6 @@ def run(config: ml_collections.ConfigDict, workdir: str, stop_after: int | None 
   bpt = data.bytes_per_token(eval_source)
   to_bpb = (lambda nats: nats / (np.log(2.0) * bpt)) if bpt else None
 
-  os.makedirs(workdir, exist_ok=True)
   if primary:   # what the run was (evals rebuild the model from it)
     with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
       f.write(config.to_json_best_effort(indent=2))

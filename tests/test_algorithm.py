@@ -202,9 +202,9 @@ def test_eval_params_choices():
 
 
 def test_bad_arguments_raise_clear_errors():
-  with pytest.raises(ValueError, match=r"diloco.num_workers \(M\)"):
+  with pytest.raises(ValueError, match=r"num_workers \(M\) must be an integer >= 1, got 0"):
     algorithm.DiLoCo(toy.loss_fn, optax.sgd(1), optax.sgd(1), num_workers=0, inner_steps=1)
-  with pytest.raises(ValueError, match=r"diloco.inner_steps \(H\)"):
+  with pytest.raises(ValueError, match=r"inner_steps \(H\) must be an integer >= 1, got 0"):
     algorithm.DiLoCo(toy.loss_fn, optax.sgd(1), optax.sgd(1), num_workers=1, inner_steps=0)
 
 
