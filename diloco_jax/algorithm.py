@@ -33,7 +33,7 @@ from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from diloco_jax import checks, collectives, fragments as fragments_lib, inner, mesh as mesh_lib
-from diloco_jax import outer
+from diloco_jax import faults as faults_lib, outer
 from diloco_jax import sharding
 from diloco_jax.quantize import Codec, get_codec
 
@@ -59,6 +59,11 @@ class DilocoState(struct.PyTreeNode):
     residual:        list of fp32 leaves [M, ...] — error-feedback quantization residuals, or ().
     sent:            eager updates only, else (): tuple of P lists of fp32 leaves [M, ...] — what
                      each worker put into the in-flight mean, Q(Δ_{m,p}(r−1)).
+    status:          tuple of P pairs (who, k) from fragment p's latest sync, what its receives
+                     act on: who fp32 [M] (split over workers) is 1 in the mean, 0 absent
+                     (dropped or down, `faults`), −1 quarantined (its Δ had a NaN or inf); k
+                     fp32 [] (replicated) the workers in the mean, so a receive needs no
+                     collective to know whether anyone was. () with a delay.
     rng:             PRNG key for stochastic rounding.
 
   With eager updates every worker keeps its own outer copy and outer optimizer state (leaves
@@ -73,6 +78,7 @@ class DilocoState(struct.PyTreeNode):
   inflight: tuple
   residual: tuple
   sent: tuple
+  status: tuple
   rng: jax.Array
 
 
@@ -114,6 +120,10 @@ class StreamingDiLoCo:
       into their own fragment by `fragments.split_out`); default: every fragment every H.
     delay: "none", or "naive" / "eager": the outer all-reduce overlaps a whole round (see
       DELAYS and docs/design.md "Eager updates"); needs τ = 0 and no offloading.
+    faults: a `faults.FaultSchedule`: which workers report at each sync (dropped outer
+      gradients, outages) and when a worker rejoins; default: everyone, always.
+    quarantine: a worker whose Δ_p has a NaN or inf is left out of that sync's mean and
+      restarted from θ_g with fresh Adam moments (the run goes on; `quarantined/p` counts it).
   """
 
   def __init__(self, loss_fn: LossFn, inner_opt: optax.GradientTransformation,
@@ -122,7 +132,8 @@ class StreamingDiLoCo:
                merge_alpha: float = 0.0, codec: Codec | str = "fp32", wire: str = "reference",
                error_feedback: bool = False, max_steps_in_flight: int = 2,
                param_specs=None, offload_outer: bool = False, sync_every=None,
-               delay: str = "none"):
+               delay: str = "none", faults: faults_lib.FaultSchedule | None = None,
+               quarantine: bool = True):
     num_workers = checks.integer("num_workers (M)", num_workers, 1)
     inner_steps = checks.integer("inner_steps (H)", inner_steps, 1)
     merge_alpha = checks.real("merge_alpha (α)", merge_alpha, 0.0, 1.0)
@@ -141,6 +152,14 @@ class StreamingDiLoCo:
       raise ValueError("diloco.eager and diloco.delayed overlap the all-reduce with a whole "
                        "outer round (H steps); they need diloco.overlap_steps=0 for every "
                        "worker and diloco.offload_outer=False")
+    if faults is not None and faults.num_workers != num_workers:
+      raise ValueError(f"the fault schedule is for {faults.num_workers} workers, not M={num_workers}")
+    if delay != "none" and faults is not None and faults.active:
+      raise ValueError("diloco.drop_prob and diloco.outages need the outer step without a "
+                       "one-round delay (diloco.eager and diloco.delayed off)")
+    self.faults = faults if faults is not None and faults.active else None
+    # The delayed variants keep no per-sync status (their bookkeeping assumes every worker).
+    self.quarantine = bool(quarantine) and delay == "none"
     self.delay = delay
     self.loss_fn = loss_fn
     self.inner_opt = inner_opt
@@ -168,7 +187,7 @@ class StreamingDiLoCo:
     (static Python; `params` may be abstract). `init` calls it; `aot` calls it alone."""
     # A re-init (possibly with another params structure) starts from fresh programs.
     for name in ("_inner_step", "_sync", "_flush", "_send", "_receive_first", "_receive_late",
-                 "_to_device_copy", "_outer_mean"):
+                 "_to_device_copy", "_outer_mean", "_restart", "_everyone"):
       self.__dict__.pop(name, None)
     self._last_t = None
     self._memo = {}   # the delayed syncs' programs, by (kind, fragment, static flags)
@@ -192,9 +211,12 @@ class StreamingDiLoCo:
     self.layout = _Layout.build(self, params)
     collectives.check_blocks(params, self.specs, self.mesh, self.codec)
     # Bits one worker sends for each fragment's sync (static: shapes, specs and the mesh).
-    self.fragment_bits = tuple(collectives.bits_per_worker(
-        [x.shape for x in f.select(params, p)], self.codec, self.M, self.wire,
-        f.select(self.specs, p), self.mesh) for p in range(f.num_fragments))
+    # With k of the M workers in a sync (`faults`), each of the k sends the k-worker payload.
+    self.fragment_bits_k = tuple(tuple(0 if k < 2 else collectives.bits_per_worker(
+        [x.shape for x in f.select(params, p)], self.codec, k, self.wire,
+        f.select(self.specs, p), self.mesh) for k in range(self.M + 1))
+        for p in range(f.num_fragments))
+    self.fragment_bits = tuple(b[self.M] for b in self.fragment_bits_k)
 
   def init(self, params: PyTree, rng: jax.Array | None = None) -> DilocoState:
     """Every worker starts from the same `params`; θ_g = params; outer states per fragment.
@@ -221,7 +243,10 @@ class StreamingDiLoCo:
       return DilocoState(step=jnp.zeros((), jnp.int32), local_params=local,
                          inner_opt_state=inner_state, outer_params=outer_params,
                          outer_opt_state=outer_states, inflight=inflight, residual=residual,
-                         sent=zeros((self.M,)) if eager else (), rng=rng)
+                         sent=zeros((self.M,)) if eager else (),
+                         status=tuple((jnp.ones((self.M,), jnp.float32), jnp.float32(self.M))
+                                      for _ in range(f.num_fragments))
+                         if self.delay == "none" else (), rng=rng)
 
     return jax.jit(build, out_shardings=self.layout.home_state())(params, rng)
 
@@ -255,65 +280,100 @@ class StreamingDiLoCo:
     return jax.jit(step, donate_argnums=(0, 1, 2), out_shardings=(
         lay.repl, lay.local, lay.inner_opt, lay.worker_vector, lay.worker_vector))
 
-  def _reduce(self, p: int, outer_p: list, local_p: list, residual_p: list, rng):
-    """The send: Δ_p = mean_m Q(θ_{g,p} − θ_{m,p} [+ residual]) in fp32, and diagnostics."""
+  def _reduce(self, p: int, outer_p: list, local_p: list, residual_p: list, rng, mask):
+    """The send: Δ_p = mean Q(θ_{g,p} − θ_{m,p} [+ residual]) in fp32 over the workers that
+    report (`mask`) with finite values; returns (Δ_p, residuals, rng, status, diagnostics)."""
     outer_p = self.layout.to_device(outer_p, self.layout.frag("outer", p))
-    mean, _, residual_p, rng, metrics = self._all_reduce(
-        p, outer.outer_gradient(outer_p, local_p), residual_p, rng)
-    return mean, residual_p, rng, metrics
+    mean, _, residual_p, rng, status, metrics = self._all_reduce(
+        p, outer.outer_gradient(outer_p, local_p), residual_p, rng, mask)
+    return mean, residual_p, rng, status, metrics
 
-  def _all_reduce(self, p: int, delta: list, residual_p: list, rng):
+  def _all_reduce(self, p: int, delta: list, residual_p: list, rng, mask=None):
     """mean_m Q(Δ_m [+ residual]) in fp32 from the workers' Δ_m [M, ...]; also returns what
-    each worker sent (dequantized), the new residuals, the rng and the diagnostics."""
+    each worker sent (dequantized), the new residuals, the rng, the status and the diagnostics.
+
+    With `mask` (fp32 [M], 1 = reports) the mean is over the reporting workers whose Δ is
+    finite (the others' Δ are zeroed before quantizing, Q(0) = 0, and left out of the count);
+    status: 1 in the mean, 0 absent, −1 non-finite (quarantined, with `quarantine`). Without a
+    mask (the delayed variants) every worker is in the mean and status is None."""
     rng, sub = jax.random.split(rng)
     if self.error_feedback:
       delta = [d + r for d, r in zip(delta, residual_p)]
+    status = count = None
+    if mask is not None:
+      reports = mask > 0
+      finite = functools.reduce(jnp.logical_and, [
+          jnp.all(jnp.isfinite(d), axis=tuple(range(1, d.ndim))) for d in delta])
+      if not self.quarantine:
+        finite = jnp.ones_like(finite)
+      included = reports & finite
+      who = jnp.where(finite, reports.astype(jnp.float32), -1.0)
+      delta = [jnp.where(included.reshape((-1,) + (1,) * (d.ndim - 1)), d, 0.0) for d in delta]
+      count = jnp.sum(included.astype(jnp.float32))
+      status = (who, count)
     mean, sent, sq_norms = collectives.worker_mean(delta, self.codec, self.mesh, wire=self.wire,
                                                    rng=sub if self.codec.stochastic else None,
-                                                   specs=self.fragments.select(self.specs, p))
+                                                   specs=self.fragments.select(self.specs, p),
+                                                   count=count)
     metrics = {f"outer_grad_norm/{p}": inner.global_norm(mean)}
     if self.codec.name != "fp32":
       metrics[f"quant_rel_error/{p}"] = collectives.relative_error(delta, sent)
     if self.error_feedback:
       residual_p = [d - s for d, s in zip(delta, sent)]
     if self.M > 1:   # pairwise cosine of the outer gradients as sent
-      metrics[f"outer_grad_cosine/{p}"] = outer.pairwise_cosine(mean, sq_norms)
-    return mean, sent, residual_p, rng, metrics
+      metrics[f"outer_grad_cosine/{p}"] = outer.pairwise_cosine(mean, sq_norms, count)
+    if status is not None:
+      metrics[f"participants/{p}"] = count
+      metrics[f"quarantined/{p}"] = jnp.sum((who < 0).astype(jnp.float32))
+    return mean, sent, residual_p, rng, status, metrics
 
   def _send_shardings(self, p: int):
-    """out_shardings of a send: (in-flight mean, residuals, rng, metrics)."""
+    """out_shardings of a send: (in-flight mean, residuals, rng, status, metrics)."""
     lay = self.layout
+    # The status stays split over the workers: each needs only its own (and the count, one
+    # scalar all-reduce), so no [M] vector crosses the worker axis.
     return (lay.home_frag("inflight", p), lay.frag("residual", p) if self.error_feedback else [],
-            lay.repl, lay.repl)
+            lay.repl, (lay.worker_vector, lay.repl), lay.repl)
 
-  def _merge_workers(self, local_p: list, outer_p: list, d: int) -> list:
-    """θ_{m,p} ← α·θ_{m,p} + (1−α)·θ_{g,p} for the workers with τ_m = d; the others keep theirs."""
+  def _merge_workers(self, local_p: list, outer_p: list, d: int, status=None) -> list:
+    """θ_{m,p} ← α·θ_{m,p} + (1−α)·θ_{g,p} for the workers with τ_m = d; the others keep theirs.
+    A worker that was not in the sync (status ≠ 1) takes θ_{g,p} itself."""
     merged = outer.merge(local_p, outer_p, self.alpha)
-    mask = np.array([tau == d for tau in self.taus])
+    if status is not None and self.alpha != 0.0:   # α = 0: merged is θ_{g,p} already
+      restart = outer.merge(local_p, outer_p, 0.0)
+      merged = [jnp.where((status[0] == 1).reshape((-1,) + (1,) * (m.ndim - 1)), m, r)
+                for m, r in zip(merged, restart)]
+    mask = np.array([d is None or tau == d for tau in self.taus])   # None: every worker
     if mask.all():
       return merged
     pick = lambda m, w: jnp.where(mask.reshape((-1,) + (1,) * (w.ndim - 1)), m, w)
     return [pick(m, w) for m, w in zip(merged, local_p)]
 
-  def _outer_step(self, p, outer_p, opt_p, mean):
-    """θ_{g,p} ← OuterOpt_p(θ_{g,p}, Δ_p) on the device (offloaded inputs are brought over)."""
+  def _outer_step(self, p, outer_p, opt_p, mean, status=None):
+    """θ_{g,p} ← OuterOpt_p(θ_{g,p}, Δ_p) on the device (offloaded inputs are brought over);
+    skipped (θ_{g,p} and its optimizer state unchanged) if no worker was in the mean."""
     lay = self.layout
     outer_p = lay.to_device(outer_p, lay.frag("outer", p))
     opt_p = lay.to_device(opt_p, lay.outer_opt[p])
     mean = lay.to_device(mean, lay.frag("inflight", p))
-    return outer.outer_update(self.outer_opt, outer_p, opt_p, mean)
+    g, new_opt = outer.outer_update(self.outer_opt, outer_p, opt_p, mean)
+    if status is None:
+      return g, new_opt
+    anyone = status[1] > 0
+    keep = lambda new, old: jnp.where(anyone, new, old)
+    return jax.tree.map(keep, g, outer_p), jax.tree.map(keep, new_opt, opt_p)
 
   def _blocking_syncs(self, every_worker: bool) -> list:
     """Per fragment p, one program: send, outer step and merge (no overlap). The merge is the
     τ=0 workers' (a regular sync with min τ = 0), or every worker's (the final sync)."""
     lay = self.layout
 
-    def sync(p, outer_p, local_p, opt_p, residual_p, rng):
-      mean, residual_p, rng, metrics = self._reduce(p, outer_p, local_p, residual_p, rng)
-      g, opt_p = self._outer_step(p, outer_p, opt_p, mean)
-      local_p = (outer.merge(local_p, g, self.alpha) if every_worker
-                 else self._merge_workers(local_p, g, 0))
-      return g, local_p, opt_p, residual_p, rng, metrics
+    def sync(p, outer_p, local_p, opt_p, residual_p, rng, mask):
+      mean, residual_p, rng, status, metrics = self._reduce(p, outer_p, local_p, residual_p,
+                                                            rng, mask)
+      g, opt_p = self._outer_step(p, outer_p, opt_p, mean, status)
+      local_p = self._merge_workers(local_p, g, None if every_worker else 0, status)
+      return g, local_p, opt_p, residual_p, rng, status, metrics
 
     return [jax.jit(functools.partial(sync, p), donate_argnums=(0, 1, 2, 3), out_shardings=(
         lay.home_frag("outer", p), lay.frag("local", p), lay.home_outer_opt(p),
@@ -336,13 +396,63 @@ class StreamingDiLoCo:
             for p in range(self.fragments.num_fragments)]
 
   @functools.cached_property
+  def _restart(self):
+    """{reset_opt: program}: the workers with who[m] < 0 restart wholly from θ_g (every leaf),
+    and with reset_opt also with a fresh inner optimizer state (floating leaves, e.g. Adam's
+    moments, as `init` makes them; integer leaves such as the step counts that drive the
+    learning-rate schedule and bias correction are kept). Quarantined workers (reset_opt: their
+    moments hold the NaN too) and rejoining ones. Nothing is computed when nobody restarts."""
+    lay = self.layout
+
+    def restart(reset_opt, local, opt_state, outer_params, who):
+      pick = lambda new, old: jnp.where(
+          (who < 0).reshape((-1,) + (1,) * (old.ndim - 1)), new.astype(old.dtype), old)
+
+      def go(local, opt_state):   # offloaded θ_g comes over only when someone restarts
+        g = jax.tree.map(lambda x: jnp.broadcast_to(x[None], (self.M,) + x.shape),
+                         lay.to_device(outer_params, lay.outer))
+        local = jax.tree.map(pick, g, local)
+        if reset_opt:
+          fresh = jax.vmap(self.inner_opt.init)(local)
+          opt_state = jax.tree.map(
+              lambda f, o: pick(f, o) if jnp.issubdtype(o.dtype, jnp.floating) else o,
+              fresh, opt_state)
+        return local, opt_state
+      return jax.lax.cond(jnp.any(who < 0), go, lambda a, b: (a, b), local, opt_state)
+
+    return {r: jax.jit(functools.partial(restart, r), donate_argnums=(0, 1),
+                       out_shardings=(lay.local, lay.inner_opt)) for r in (False, True)}
+
+  @functools.cached_property
+  def _everyone(self):
+    """The mask of a sync that every worker reports to (one device array, made once)."""
+    return jax.device_put(np.ones(self.M, np.float32), self.layout.repl)
+
+  def _mask(self, t: int, p: int):
+    if self.faults is None:
+      return self._everyone
+    return jax.device_put(self.faults.mask(t, p), self.layout.repl)
+
+  def restart_workers(self, state: DilocoState, workers: Sequence[int],
+                      reset_inner_opt: bool = True) -> DilocoState:
+    """These workers restart from θ_g (and with `reset_inner_opt`, fresh Adam moments)."""
+    who = -np.isin(np.arange(self.M), list(workers)).astype(np.float32)
+    return self._restart_workers(state, jax.device_put(who, self.layout.worker_vector),
+                                 reset_inner_opt)
+
+  def _restart_workers(self, state: DilocoState, who, reset_opt: bool) -> DilocoState:
+    local, opt_state = self._restart[reset_opt](state.local_params, state.inner_opt_state,
+                                                state.outer_params, who)
+    return state.replace(local_params=local, inner_opt_state=opt_state)
+
+  @functools.cached_property
   def _receive_first(self):
     """At t_send + min τ: the outer step on the in-flight mean, and those workers' merge."""
     lay = self.layout
 
-    def receive(p, outer_p, local_p, opt_p, mean):
-      g, opt_p = self._outer_step(p, outer_p, opt_p, mean)
-      return g, self._merge_workers(local_p, g, self.tau_first), opt_p
+    def receive(p, outer_p, local_p, opt_p, mean, status):
+      g, opt_p = self._outer_step(p, outer_p, opt_p, mean, status)
+      return g, self._merge_workers(local_p, g, self.tau_first, status), opt_p
     # The mean is not donated: it stays in state.inflight (a checkpoint may save it) until the
     # fragment's next send overwrites it.
     return [jax.jit(functools.partial(receive, p), donate_argnums=(0, 1, 2), out_shardings=(
@@ -354,8 +464,8 @@ class StreamingDiLoCo:
     """At t_send + τ_m > min τ (heterogeneous slack): worker m merges the already-updated θ_g."""
     lay = self.layout
 
-    def merge(d, p, local_p, g):
-      return self._merge_workers(local_p, lay.to_device(g, lay.frag("outer", p)), d)
+    def merge(d, p, local_p, g, status):
+      return self._merge_workers(local_p, lay.to_device(g, lay.frag("outer", p)), d, status)
     return {(d, p): jax.jit(functools.partial(merge, d, p), donate_argnums=(0,),
                             out_shardings=lay.frag("local", p))
             for d in sorted(set(self.taus)) if d != self.tau_first
@@ -389,7 +499,7 @@ class StreamingDiLoCo:
 
       def sync(outer_p, local_p, opt_p, mean_prev, sent_prev, residual_p, rng):
         delta = self._delta(outer_p, local_p)
-        mean, sent, residual_p, rng, metrics = self._all_reduce(p, delta, residual_p, rng)
+        mean, sent, residual_p, rng, _, metrics = self._all_reduce(p, delta, residual_p, rng)
         if self.delay == "eager":
           g, opt_p = self._delayed_outer_step(outer_p, opt_p,
                                               outer.eager_proxy(delta, mean_prev, sent_prev))
@@ -403,7 +513,7 @@ class StreamingDiLoCo:
       self._memo[key] = jax.jit(sync, donate_argnums=(0, 1, 2, 3, 4, 5), out_shardings=(
           lay.frag("outer", p), lay.frag("local", p), lay.outer_opt[p], lay.frag("inflight", p),
           lay.frag("sent", p) if self.delay == "eager" else [],
-          *self._send_shardings(p)[1:]))
+          *self._delayed_shardings(p)))
     return self._memo[key]
 
   def _delayed_final_program(self, p: int, pending: bool, fresh: bool):
@@ -424,7 +534,7 @@ class StreamingDiLoCo:
         metrics, g = {}, outer_p
         if fresh:
           delta = self._delta(outer_p, local_p)
-          mean, sent, residual_p, rng, metrics = self._all_reduce(p, delta, residual_p, rng)
+          mean, sent, residual_p, rng, _, metrics = self._all_reduce(p, delta, residual_p, rng)
         if eager:
           if fresh:
             g, opt_p = self._delayed_outer_step(g, opt_p, outer.eager_proxy(delta, mean_prev,
@@ -443,8 +553,13 @@ class StreamingDiLoCo:
 
       self._memo[key] = jax.jit(final, donate_argnums=(0, 1, 2, 5), out_shardings=(
           lay.frag("outer", p), lay.frag("local", p), lay.outer_opt[p],
-          *self._send_shardings(p)[1:]))
+          *self._delayed_shardings(p)))
     return self._memo[key]
+
+  def _delayed_shardings(self, p: int) -> tuple:
+    """out_shardings of a delayed program's (residuals, rng, metrics)."""
+    residual, rng, _, metrics = self._send_shardings(p)[1:]
+    return residual, rng, metrics
 
   def _delayed_args(self, state: DilocoState, p: int) -> tuple:
     f = self.fragments
@@ -493,6 +608,9 @@ class StreamingDiLoCo:
     self._last_t = t
     self._bound.wait()
     f = self.fragments
+    back = self.faults.rejoining(t) if self.faults is not None else ()
+    if back:   # back from an outage: restart from θ_g before this inner step
+      state = self.restart_workers(state, back, self.faults.reset_inner_opt)
     step, local, inner_state, loss, aux = self._inner_step(state.step, state.local_params,
                                                            state.inner_opt_state, batch_MxB)
     state = state.replace(step=step, local_params=local, inner_opt_state=inner_state)
@@ -507,13 +625,14 @@ class StreamingDiLoCo:
       if self.delay != "none":
         state, m = self._delayed_sync(state, p, t)
       elif self.tau_first == 0:
-        state, m = self._blocking_sync(self._sync[p], state, p)
+        state, m = self._blocking_sync(self._sync[p], state, p, t)
       else:
         outer_p, local_p = f.select(state.outer_params, p), f.select(state.local_params, p)
-        mean, residual_p, rng, m = self._send[p](outer_p, local_p, self._residual(state, p),
-                                                 state.rng)
-        state = self._keep_residual(state.replace(inflight=_replace_at(state.inflight, p, mean),
-                                                  rng=rng), p, residual_p)
+        mean, residual_p, rng, status, m = self._send[p](
+            outer_p, local_p, self._residual(state, p), state.rng, self._mask(t, p))
+        state = self._keep_residual(state.replace(
+            inflight=_replace_at(state.inflight, p, mean), rng=rng,
+            status=_replace_at(state.status, p, status)), p, residual_p)
       metrics.update(m)
     return state, metrics
 
@@ -542,7 +661,7 @@ class StreamingDiLoCo:
         if d and s + d > t:
           state = self._receive(state, p, d)
     for p in self._flushed(t):
-      state, m = self._blocking_sync(self._flush[p], state, p)
+      state, m = self._blocking_sync(self._flush[p], state, p, t)
       metrics.update(m)
     return state, metrics
 
@@ -551,10 +670,20 @@ class StreamingDiLoCo:
     return tuple(p for p in range(self.fragments.num_fragments)
                  if self.schedule.last_send(p, t) != t)
 
-  def final_bits(self, t: int) -> int:
+  def final_bits(self, t: int):
     """Bits one worker sends in the final sync after step t: one more payload of each fragment
     not sent at t (the pending receives were counted when they were sent)."""
-    return sum(self.fragment_bits[p] for p in self._flushed(t))
+    return sum(self._sync_bits(t, p) for p in self._flushed(t))
+
+  def _sync_bits(self, t: int, p: int):
+    """Bits per worker of fragment p's sync at step t: every worker's payload, or with `faults`
+    the mean over the M workers of what each sent (k reporting workers each send the k-worker
+    payload; absent ones send nothing). A quarantined worker's payload did cross the wire."""
+    if self.faults is None:
+      return self.fragment_bits[p]
+    k = int(self.faults.mask(t, p).sum())
+    total = k * self.fragment_bits_k[p][k]
+    return total // self.M if total % self.M == 0 else total / self.M
 
   def _residual(self, state: DilocoState, p: int) -> list:
     f = self.fragments
@@ -573,22 +702,32 @@ class StreamingDiLoCo:
     local_p = f.select(state.local_params, p)
     if d == self.tau_first:
       g, local_p, opt_p = self._receive_first[p](
-          f.select(state.outer_params, p), local_p, state.outer_opt_state[p], state.inflight[p])
+          f.select(state.outer_params, p), local_p, state.outer_opt_state[p], state.inflight[p],
+          state.status[p])
       state = state.replace(outer_params=f.merge_into(state.outer_params, p, g),
                             outer_opt_state=_replace_at(state.outer_opt_state, p, opt_p))
     else:
-      local_p = self._receive_late[d, p](local_p, f.select(state.outer_params, p))
-    return state.replace(local_params=f.merge_into(state.local_params, p, local_p))
+      local_p = self._receive_late[d, p](local_p, f.select(state.outer_params, p),
+                                         state.status[p])
+    state = state.replace(local_params=f.merge_into(state.local_params, p, local_p))
+    if d == self.tau_first and self.quarantine:   # non-finite workers restart from θ_g
+      state = self._restart_workers(state, state.status[p][0], True)
+    return state
 
-  def _blocking_sync(self, program, state: DilocoState, p: int) -> tuple[DilocoState, dict]:
-    """Runs one of `_blocking_syncs`' programs for fragment p on the state."""
+  def _blocking_sync(self, program, state: DilocoState, p: int,
+                     t: int) -> tuple[DilocoState, dict]:
+    """Runs one of `_blocking_syncs`' programs for fragment p's sync at step t on the state,
+    then restarts the workers it quarantined."""
     f = self.fragments
-    g, local_p, opt_p, residual_p, rng, m = program(
+    g, local_p, opt_p, residual_p, rng, status, m = program(
         f.select(state.outer_params, p), f.select(state.local_params, p),
-        state.outer_opt_state[p], self._residual(state, p), state.rng)
+        state.outer_opt_state[p], self._residual(state, p), state.rng, self._mask(t, p))
     state = state.replace(outer_params=f.merge_into(state.outer_params, p, g),
                           local_params=f.merge_into(state.local_params, p, local_p),
-                          outer_opt_state=_replace_at(state.outer_opt_state, p, opt_p), rng=rng)
+                          outer_opt_state=_replace_at(state.outer_opt_state, p, opt_p), rng=rng,
+                          status=_replace_at(state.status, p, status))
+    if self.quarantine:
+      state = self._restart_workers(state, status[0], True)
     return self._keep_residual(state, p, residual_p), m
 
   def programs(self, state: DilocoState, batch_MxB,
@@ -600,9 +739,16 @@ class StreamingDiLoCo:
     f = self.fragments
     out = [("inner_step", self._inner_step,
             (state.step, state.local_params, state.inner_opt_state, batch_MxB))]
+    if self.delay == "none" and (self.quarantine or self.faults is not None):
+      restart = (state.local_params, state.inner_opt_state, state.outer_params,
+                 state.status[0][0])
+      out.extend((f"restart{', fresh inner state' if r else ''}", self._restart[r], restart)
+                 for r in (True, False)
+                 if r or self.faults is not None and not self.faults.reset_inner_opt)
     for p in range(f.num_fragments):
       outer_p, local_p = f.select(state.outer_params, p), f.select(state.local_params, p)
-      blocking = (outer_p, local_p, state.outer_opt_state[p], self._residual(state, p), state.rng)
+      blocking = (outer_p, local_p, state.outer_opt_state[p], self._residual(state, p), state.rng,
+                  self._everyone)
       if self.delay != "none":
         args = self._delayed_args(state, p)
         for first in ((True, False) if self.delay == "naive" else (False,)):
@@ -617,19 +763,22 @@ class StreamingDiLoCo:
         out.append((f"sync[{p}]", self._sync[p], blocking))
       else:
         out.append((f"send[{p}]", self._send[p], (outer_p, local_p, self._residual(state, p),
-                                                  state.rng)))
+                                                  state.rng, self._everyone)))
         out.append((f"receive[{p}]", self._receive_first[p],
-                    (outer_p, local_p, state.outer_opt_state[p], state.inflight[p])))
-      out.extend((f"receive[{p}, τ={d}]", self._receive_late[d, p], (local_p, outer_p))
+                    (outer_p, local_p, state.outer_opt_state[p], state.inflight[p],
+                     state.status[p])))
+      out.extend((f"receive[{p}, τ={d}]", self._receive_late[d, p],
+                  (local_p, outer_p, state.status[p]))
                  for d in sorted(set(self.taus)) if d not in (0, self.tau_first))
       if final_step and p in self._flushed(final_step):
         out.append((f"final_sync[{p}]", self._flush[p], blocking))
     return out
 
-  def bits_sent(self, t: int) -> int:
+  def bits_sent(self, t: int):
     """Bits one worker transmits at step t (ring all-reduce convention, docs/design.md), summed
-    over the worker's devices, each of which sends its own shards."""
-    return sum(self.fragment_bits[p] for p in self.schedule.sends(t))
+    over the worker's devices, each of which sends its own shards; with `faults`, the mean
+    over workers (see `_sync_bits`: a float where it is not whole)."""
+    return sum(self._sync_bits(t, p) for p in self.schedule.sends(t))
 
   @functools.cached_property
   def _outer_mean(self):
@@ -742,6 +891,8 @@ class _Layout:
         if algo._has_inflight else (),
         residual=self.residual if algo.error_feedback else (),
         sent=tuple(self.frag("sent", p) for p in range(P_)) if algo.delay == "eager" else (),
+        status=tuple((self.worker_vector, self.repl) for _ in range(P_))
+        if algo.delay == "none" else (),
         rng=self.repl)
 
 

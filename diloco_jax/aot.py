@@ -100,7 +100,8 @@ def check(config, hbm_gib: float = 0.0) -> dict:
   else:
     fields = {"worker params": state.local_params, "inner optimizer state": state.inner_opt_state,
               "outer params": state.outer_params, "outer optimizer state": state.outer_opt_state,
-              "in-flight outer gradients": state.inflight, "quantizer residuals": state.residual}
+              "in-flight outer gradients": state.inflight, "quantizer residuals": state.residual,
+              "sync status": state.status}
   programs = [_compile(name, fn, *args) for name, fn, args in algo.programs(state, batch)]
   state_bytes = {k: _bytes_per_device(v) for k, v in fields.items()}
   host_bytes = {k: _bytes_per_device(v, "pinned_host") for k, v in fields.items()}

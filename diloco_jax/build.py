@@ -12,7 +12,8 @@ import functools
 
 import jax
 
-from diloco_jax import algorithm, collectives, data, inner, outer, retrieval, sharding, tokenizer
+from diloco_jax import algorithm, collectives, data, faults, inner, outer, retrieval, sharding
+from diloco_jax import tokenizer
 from diloco_jax import mesh as mesh_lib
 from diloco_jax import model as model_lib
 from diloco_jax.config import ConfigError, RunConfig, make_fragments, param_specs, sync_every
@@ -86,7 +87,9 @@ def make_algorithm(rc: RunConfig, mesh, params):
                 param_specs=specs, offload_outer=d.offload_outer,
                 # DiLoCo: one fragment, plus the routers' own with diloco.router_sync_every.
                 fragments=make_fragments(rc, params), sync_every=sync_every(rc),
-                delay=d.delay)
+                delay=d.delay, quarantine=d.quarantine,
+                faults=faults.FaultSchedule(d.num_workers, d.drop_prob, d.outages, seed=rc.seed,
+                                            reset_inner_opt=d.rejoin_reset_inner_opt))
   if rc.algorithm == "diloco":
     return algorithm.DiLoCo(loss_fn, inner_opt, outer_opt, **common)
   return algorithm.StreamingDiLoCo(

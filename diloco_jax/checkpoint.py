@@ -8,10 +8,13 @@ and arithmetic the uninterrupted run would have.
 
 from __future__ import annotations
 
+import gc
+import logging
 import os
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 
@@ -32,7 +35,12 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
-  def save(self, step: int, state: Any, host_state: dict) -> None:
+  def save(self, step: int, state: Any, host_state: dict, replace: bool = False) -> None:
+    """Saves step `step`; with `replace`, a checkpoint of that step already saved is deleted
+    first (otherwise saving a step twice is an error)."""
+    if replace and step in self._manager.all_steps():
+      self._manager.wait_until_finished()
+      self._manager.delete(step)
     self._manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(host_state)))
 
@@ -43,6 +51,43 @@ class Checkpointer:
     out = self._manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
     return out["state"], out["data"]
+
+  def restore_newest_readable(self, like_state: Any, set_aside: str, primary: bool = True):
+    """The newest checkpoint that can be read, restored like `restore`; None if there is none.
+
+    A checkpoint that fails to read (a truncated or missing file, bad metadata) is moved, whole,
+    into the directory `set_aside` (by the primary process, after every process has tried it:
+    they agree on each step) and the next older one is tried, so nothing is deleted and the
+    next save of that step does not collide with the broken copy. Returns (step, state, host
+    state, [(skipped step, one-line reason), ...]) or None with the reasons."""
+    skipped = []
+    self._manager.reload()
+    for step in sorted(self._manager.all_steps(), reverse=True):
+      # A failed read leaves asyncio futures whose errors it would log when collected:
+      # collected here, quietly (the reason is the one line the caller prints).
+      asyncio_log = logging.getLogger("asyncio")
+      level, asyncio_log.level = asyncio_log.level, logging.CRITICAL
+      try:
+        state, host = self.restore(step, like_state)
+        reason = None
+      except Exception as e:  # noqa: BLE001  (orbax and tensorstore raise many kinds)
+        reason = _reason(e)
+        del e
+        gc.collect()
+      finally:
+        asyncio_log.setLevel(level)
+      if _all_processes_agree(reason is None):
+        return step, state, host, skipped
+      skipped.append((step, reason or "another process could not read it"))
+      if primary:
+        os.makedirs(set_aside, exist_ok=True)
+        target = os.path.join(set_aside, str(step))
+        if os.path.exists(target):
+          target += f".{len(os.listdir(set_aside))}"
+        os.rename(os.path.join(self.directory, str(step)), target)
+      _barrier(f"diloco_jax_set_aside_{step}")
+      self._manager.reload()
+    return None, None, None, skipped
 
   def restore_saved(self, step: int) -> tuple[Any, dict]:
     """Restores the tree as saved, without a target, onto this process's first device (whatever
@@ -60,3 +105,27 @@ class Checkpointer:
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+def _reason(e: BaseException, limit: int = 200) -> str:
+  """The root cause of a failed read, on one line."""
+  while e.__cause__ is not None:
+    e = e.__cause__
+  line = next((x.strip() for x in str(e).splitlines() if x.strip()), "")
+  line = line.split(". See full TensorStore details")[0]
+  line = f"{type(e).__name__}: {line}"
+  return line if len(line) <= limit else line[:limit - 3] + "..."
+
+
+def _all_processes_agree(ok: bool) -> bool:
+  """ok on every process (one small all-gather in a multi-process run)."""
+  if jax.process_count() == 1:
+    return ok
+  from jax.experimental import multihost_utils  # noqa: PLC0415
+  return bool(multihost_utils.process_allgather(np.int32(ok)).all())
+
+
+def _barrier(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+    multihost_utils.sync_global_devices(name)

@@ -88,7 +88,8 @@ def check_blocks(params, specs, mesh: Mesh, codec: Codec) -> None:
 
 
 def worker_mean(delta_leaves: list, codec: Codec, mesh: Mesh, *, wire: str = "reference",
-                rng: jax.Array | None = None, specs: Sequence[P] | None = None):
+                rng: jax.Array | None = None, specs: Sequence[P] | None = None,
+                count: jax.Array | None = None):
   """Mean over workers of Q(Δ_m), accumulated in fp32, leaf by leaf and shard by shard.
 
   One `shard_map` over the whole mesh: each device quantizes its own shard of each leaf (the
@@ -106,6 +107,8 @@ def worker_mean(delta_leaves: list, codec: Codec, mesh: Mesh, *, wire: str = "re
       fold_in(fold_in(split(rng, M)[m], i), s): independent per worker, identical on the
       devices that hold copies of the same shard.
     specs: each leaf's PartitionSpec without the worker axis (default: unsharded).
+    count: the number of workers in the mean (a scalar; default M): a sync that some workers
+      missed divides the sum by those that reported, whose Δ the caller has zeroed (Q(0) = 0).
   Returns:
     (mean leaves without the worker dim, the values each worker sent [M, ...] after
     quantization, each worker's ‖Q(Δ_m)‖² [M]).
@@ -115,6 +118,7 @@ def worker_mean(delta_leaves: list, codec: Codec, mesh: Mesh, *, wire: str = "re
   M = delta_leaves[0].shape[0]
   specs = [P()] * len(delta_leaves) if specs is None else list(specs)
   keys = None if rng is None else jax.random.split(rng, M)
+  divisor = M if count is None else jnp.maximum(count.astype(jnp.float32), 1.0)
   leaf_specs = [sharding.per_worker(s) for s in specs]
 
   def per_shard(deltas, keys_m):
@@ -127,14 +131,14 @@ def worker_mean(delta_leaves: list, codec: Codec, mesh: Mesh, *, wire: str = "re
       )(keys_m)
       if wire == "reference":
         s = jax.vmap(codec.roundtrip)(flat) if k is None else jax.vmap(codec.roundtrip)(flat, k)
-        mu = jax.lax.psum(jnp.sum(s, axis=0), mesh_lib.WORKER) / M
+        mu = jax.lax.psum(jnp.sum(s, axis=0), mesh_lib.WORKER) / divisor
       else:
         enc = jax.vmap(codec.encode)(flat) if k is None else jax.vmap(codec.encode)(flat, k)
         # What crosses the worker axis: the packed payload and the per-block scales only.
         gathered = jax.tree.map(
             lambda a: jax.lax.all_gather(a, mesh_lib.WORKER, axis=0, tiled=True), enc)
         decode = jax.vmap(lambda e: codec.decode(e, (flat.shape[1],)))
-        s, mu = decode(enc), jnp.mean(decode(gathered), axis=0)
+        s, mu = decode(enc), jnp.sum(decode(gathered), axis=0) / divisor
       sent.append(s.reshape(d.shape))
       mean.append(mu.reshape(d.shape[1:]))
     return mean, sent

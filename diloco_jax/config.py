@@ -25,7 +25,7 @@ from typing import Any
 
 import jax
 
-from diloco_jax import collectives, fragments, outer, quantize, retrieval, sharding
+from diloco_jax import collectives, faults, fragments, outer, quantize, retrieval, sharding
 from diloco_jax import mesh as mesh_lib
 from diloco_jax import tokenizer as tokenizer_lib
 from diloco_jax import model as model_lib
@@ -200,6 +200,10 @@ class DilocoConfig:
                                    # at round r is applied at r+1 as it is (naive delay)
   eager: bool = False              # ... with eager updates: worker m applies its own fresh Δ_m
                                    # and the others' one-round-stale ones (SPEC §5)
+  drop_prob: float = 0.0           # faults: each worker's outer gradient dropped per sync
+  outages: tuple = ()              # faults: (worker, step, duration) triples (faults.py)
+  rejoin_reset_inner_opt: bool = False   # a worker back from an outage gets fresh Adam moments
+  quarantine: bool = True          # a worker with a non-finite Δ is left out and restarted
   quantizer: quantize.Codec = dataclasses.field(init=False)   # Q as the algorithm takes it
 
   def __post_init__(self):
@@ -224,6 +228,20 @@ class DilocoConfig:
     _integer("diloco.router_sync_every", self.router_sync_every, 0)
     _bool("diloco.delayed", self.delayed)
     _bool("diloco.eager", self.eager)
+    _bool("diloco.rejoin_reset_inner_opt", self.rejoin_reset_inner_opt)
+    _bool("diloco.quarantine", self.quarantine)
+    _set(self, "drop_prob", _real("diloco.drop_prob", self.drop_prob, "in [0, 1)",
+                                  lambda x: 0 <= x < 1))
+    outages = self.outages
+    if not isinstance(outages, (tuple, list)) or not all(
+        isinstance(o, (tuple, list)) and len(o) == 3 for o in outages):
+      raise ConfigError(f"diloco.outages must be a sequence of (worker, step, duration) "
+                        f"triples, got {outages!r}")
+    _set(self, "outages", tuple(tuple(o) for o in outages))
+    try:
+      faults.FaultSchedule(self.num_workers, self.drop_prob, self.outages)
+    except ValueError as e:
+      raise ConfigError(str(e)) from None
     try:   # quantize.Codec checks diloco.codec and diloco.codec_block_size
       _set(self, "quantizer", quantize.get_codec(self.codec, self.codec_block_size,
                                                  self.stochastic_rounding))
@@ -545,6 +563,14 @@ class RunConfig:
       raise ConfigError("diloco.offload_outer must be False for algorithm='dp' (it has no "
                         "outer copy to offload)")
     streaming = self.algorithm == "streaming"
+    if d.drop_prob or d.outages:
+      if self.algorithm == "dp" or d.delay != "none":
+        raise ConfigError("diloco.drop_prob and diloco.outages need algorithm='diloco' or "
+                          "'streaming' without diloco.eager or diloco.delayed")
+      late = [o for o in d.outages if o[1] > self.train.num_steps]
+      if late:
+        raise ConfigError(f"diloco.outages {late} start after the last step "
+                          f"(train.num_steps={self.train.num_steps})")
     if d.delay != "none":
       key = "diloco.eager" if d.eager else "diloco.delayed"
       if self.algorithm == "dp":

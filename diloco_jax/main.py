@@ -65,6 +65,11 @@ def main(argv):
   except config_lib.InputError as e:
     print(f"{_kind(e)} error: {e}", file=sys.stderr)
     return 2
+  except train.Diverged as e:
+    print(f"stopped: {e}", file=sys.stderr)
+    return 1
+  if "stopped_at" in summary:   # preempted (SIGTERM): the checkpoint is saved, the line printed
+    return 0
   if distributed.is_primary():
     print(train.format_summary(summary))
   return 0

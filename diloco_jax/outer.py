@@ -70,15 +70,16 @@ def eager_proxy(delta_M: list, mean_prev: list, sent_prev_M: list) -> list:
   return [d / M + (mean[None] - sent / M) for d, mean, sent in zip(delta_M, mean_prev, sent_prev_M)]
 
 
-def pairwise_cosine(mean: list, sq_norms_M: jax.Array) -> jax.Array:
+def pairwise_cosine(mean: list, sq_norms_M: jax.Array, count: jax.Array | None = None) -> jax.Array:
   """The workers' outer gradients' pairwise cosine similarity (the paper tracks it), from what
   every worker already has after the all-reduce: the mean Δ̄ and the M squared norms ‖Δ_m‖².
 
   Σ_{m≠k} ⟨Δ_m, Δ_k⟩ = ‖M·Δ̄‖² − Σ_m ‖Δ_m‖², divided by Σ_{m≠k} ‖Δ_m‖‖Δ_k‖: the norm-weighted
   mean of the pairwise cosines. Exactly cos(Δ_1, Δ_2) for M = 2, and the plain mean of the
-  pairwise cosines when the norms are equal. No worker's full Δ has to travel for it.
+  pairwise cosines when the norms are equal. No worker's full Δ has to travel for it. With
+  `count` workers in the mean (the others sent zeros), M·Δ̄ becomes count·Δ̄.
   """
-  M = sq_norms_M.shape[0]
+  M = sq_norms_M.shape[0] if count is None else count.astype(jnp.float32)
   sum_sq = (M * M) * sum(jnp.sum(jnp.square(m)) for m in mean)
   norms = jnp.sqrt(sq_norms_M)
   cross = jnp.square(jnp.sum(norms)) - jnp.sum(sq_norms_M)

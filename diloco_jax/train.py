@@ -18,12 +18,17 @@ import ml_collections
 import numpy as np
 
 from diloco_jax import build, checkpoint, data, distributed
+from diloco_jax import preemption as preemption_lib
 from diloco_jax import config as config_lib
 from diloco_jax import mesh as mesh_lib
 from diloco_jax import metrics as metrics_lib
 from diloco_jax import model as model_lib
 from diloco_jax.model import moe as moe_lib
 from diloco_jax.config import ConfigError, InputError, RunConfig  # noqa: F401  (its errors)
+
+
+class Diverged(RuntimeError):
+  """Every worker's outer gradient of a sync was non-finite (the run saved and stopped)."""
 
 
 @functools.lru_cache(maxsize=None)
@@ -126,6 +131,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, stop_after: int | None 
 
   `stop_after` ends the run after that step, as a preemption would (tests use it): checkpoints
   saved so far are kept, no summary is written, and running again resumes.
+
+  SIGTERM (what TPU VMs and SLURM send before preempting) ends the run after the step in
+  progress with a checkpoint of that step and returns {"stopped_at": t, "preempted": True};
+  running again resumes bit for bit. With several processes they all stop at the same step.
   """
   rc = config_lib.from_config_dict(config)   # every config error, before anything compiles
   config_lib.check_workdir(workdir)          # and a workdir that cannot be one
@@ -181,10 +190,18 @@ def run(config: ml_collections.ConfigDict, workdir: str, stop_after: int | None 
       f.write(config.to_json_best_effort(indent=2))
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
                                  max_to_keep=rc.checkpoint.max_to_keep)
-  start = ckpt.latest_step() or 0
-  restored_sync = {}
-  if start:
-    state, host_state = ckpt.restore(start, state)
+  start, restored_sync = 0, {}
+  if ckpt.latest_step() is not None:   # resume from the newest checkpoint that reads
+    unreadable = os.path.join(workdir, "unreadable_checkpoints")
+    start, restored, host_state, skipped = ckpt.restore_newest_readable(state, unreadable,
+                                                                        primary)
+    for step, reason in skipped if primary else ():
+      print(f"checkpoint {step} in {workdir} cannot be read ({reason}); moved it to "
+            f"{unreadable} and trying the one before", flush=True)
+    if start is None:
+      raise InputError(f"no checkpoint in {workdir} can be read (all moved to {unreadable}); "
+                       f"run again to start from step 0, or restore them by hand")
+    state = restored
     train_it.set_state(host_state["data_iterator"])
     restored_sync = host_state["sync_diagnostics"]
     if primary:
@@ -228,56 +245,91 @@ def run(config: ml_collections.ConfigDict, workdir: str, stop_after: int | None 
     return {"step": step, **row}
 
   last_row, latest_sync = None, dict(restored_sync)
-  for t in range(start + 1, T + 1):
-    # This process's rows only; the global [M, B, L+1] array is assembled from every process's.
-    batch = jax.tree.map(   # a token array, or a packed dict of arrays (`packing`)
-        lambda x: jax.make_array_from_process_local_data(
-            batch_sharding, x[:, my_rows], (M, B, *x.shape[2:])), next(train_it))
-    if t == start + 1:   # every program of the run compiled before the clock starts
-      _compile_ahead(algo, state, batch, T if final_sync else 0, evaluate, eval_set,
-                     rc.eval.params)
-      t_wall = t_log = time.perf_counter()
-    if router_frags and router_frags.intersection(algo.schedule.sends(t)):
-      latest_sync.update(_router_fn(rc.model)(state.local_params, router_tokens))
-    state, m = algo.step(state, batch, t)
-    if final_sync and t == T:   # θ_g takes in every inner step before it is evaluated and saved
-      state, m_final = algo.final_sync(state, t)
-      m = {**m, **m_final}
-    bits += bits_at(t)
-    # Sync diagnostics come from the steps that send; keep the latest per fragment (still on
-    # device) so that every logged row carries them.
-    latest_sync.update((k, v) for k, v in m.items() if k not in ("loss", "aux"))
-    if pending is not None:   # the previous logged step's values are ready by now
-      last_row = flush(pending)
-      pending = None
-    final = t == T
-    if t % rc.train.log_every == 0 or final or (eval_every and t % eval_every == 0):
-      if (eval_every and t % eval_every == 0) or final:
-        m["eval_loss"] = evaluate(algo.eval_params(state, rc.eval.params), eval_set)
-      m = {**latest_sync, **m}
-      host = {"tokens_seen": t * tokens_per_step, "bits_sent_per_worker": bits,
-              "bits_this_step": bits_at(t), "dp_bits_sent_per_worker": t * dp_step_bits}
-      pending = (t, m, host)
-    if (ckpt_every and t % ckpt_every == 0) or final:
-      if pending is not None and pending[0] == t:
-        # Row t is written before the checkpoint that covers it: rows are logged a step late,
-        # and a run killed between this checkpoint and the next step resumes at t + 1, so it
-        # would never log step t. Saving reads the state to the host anyway: no extra wait.
+  watched = []   # (step, fragment, device count of quarantined workers), read when rows are
+
+  def all_quarantined(before=None):
+    """The first watched sync before step `before` (default: all) at which every worker was
+    quarantined, as (step, p), or None. Read with the logged rows, whose values are no older
+    than those syncs', so this adds no wait."""
+    ready = [w for w in watched if before is None or w[0] < before]
+    if not ready:
+      return None
+    counts = jax.device_get([v for _, _, v in ready])
+    del watched[:len(ready)]   # watched is in step order
+    return next(((s, p) for (s, p, _), c in zip(ready, counts) if c >= M), None)
+  # SIGTERM (a preemption notice) is heard only while training: then the step in progress
+  # finishes, a checkpoint is saved and the run returns (preemption.py).
+  with preemption_lib.Preemption() as preemption:
+    for t in range(start + 1, T + 1):
+      # This process's rows only; the global [M, B, L+1] array is assembled from every process's.
+      batch = jax.tree.map(   # a token array, or a packed dict of arrays (`packing`)
+          lambda x: jax.make_array_from_process_local_data(
+              batch_sharding, x[:, my_rows], (M, B, *x.shape[2:])), next(train_it))
+      if t == start + 1:   # every program of the run compiled before the clock starts
+        _compile_ahead(algo, state, batch, T if final_sync else 0, evaluate, eval_set,
+                       rc.eval.params)
+        t_wall = t_log = time.perf_counter()
+      if router_frags and router_frags.intersection(algo.schedule.sends(t)):
+        latest_sync.update(_router_fn(rc.model)(state.local_params, router_tokens))
+      state, m = algo.step(state, batch, t)
+      if final_sync and t == T:   # θ_g takes in every inner step before it is evaluated and saved
+        state, m_final = algo.final_sync(state, t)
+        m = {**m, **m_final}
+      watched.extend((t, int(k.split("/")[1]), v) for k, v in m.items()
+                     if k.startswith("quarantined/"))
+      bits += bits_at(t)
+      # Sync diagnostics come from the steps that send; keep the latest per fragment (still on
+      # device) so that every logged row carries them.
+      latest_sync.update((k, v) for k, v in m.items() if k not in ("loss", "aux"))
+      if pending is not None:   # the previous logged step's values are ready by now
         last_row = flush(pending)
         pending = None
-      # The host-side state: the data position and the latest sync diagnostics (floats, read
-      # here where orbax copies the state to the host anyway), so a resumed run logs the same.
-      ckpt.save(t, state, {"data_iterator": train_it.get_state(),
-                           "sync_diagnostics": _fetch(latest_sync, mesh)})
-    if stop_after is not None and t >= stop_after and not final:
-      if pending is not None:
-        flush(pending)
-      for closeable in (ckpt, writer, train_it, eval_it):
-        if closeable is not None:
-          closeable.close()
-      return {"stopped_at": t}
+        bad = all_quarantined(before=t)
+        if bad:
+          _stop_diverged(bad, t, algo, state, ckpt, train_it, latest_sync, mesh, workdir,
+                         (writer, train_it, eval_it))
+      final = t == T
+      if t % rc.train.log_every == 0 or final or (eval_every and t % eval_every == 0):
+        if (eval_every and t % eval_every == 0) or final:
+          m["eval_loss"] = evaluate(algo.eval_params(state, rc.eval.params), eval_set)
+        m = {**latest_sync, **m}
+        host = {"tokens_seen": t * tokens_per_step, "bits_sent_per_worker": bits,
+                "bits_this_step": bits_at(t), "dp_bits_sent_per_worker": t * dp_step_bits}
+        pending = (t, m, host)
+      preempted = not final and preemption.reached(t)
+      if (ckpt_every and t % ckpt_every == 0) or final or preempted:
+        if pending is not None and pending[0] == t:
+          # Row t is written before the checkpoint that covers it: rows are logged a step late,
+          # and a run killed between this checkpoint and the next step resumes at t + 1, so it
+          # would never log step t. Saving reads the state to the host anyway: no extra wait.
+          last_row = flush(pending)
+          pending = None
+        bad = all_quarantined()   # read before this checkpoint saves anything
+        if bad:
+          _stop_diverged(bad, t, algo, state, ckpt, train_it, latest_sync, mesh, workdir,
+                         (writer, train_it, eval_it))
+        # The host-side state: the data position and the latest sync diagnostics (floats, read
+        # here where orbax copies the state to the host anyway), so a resumed run logs the same.
+        ckpt.save(t, state, {"data_iterator": train_it.get_state(),
+                             "sync_diagnostics": _fetch(latest_sync, mesh)})
+      if (preempted or stop_after is not None and t >= stop_after) and not final:
+        if pending is not None:
+          flush(pending)
+        for closeable in (ckpt, writer, train_it, eval_it):
+          if closeable is not None:
+            closeable.close()
+        if preempted:
+          if primary:
+            print(f"preempted (SIGTERM): saved the checkpoint of step {t} of {T} in {workdir}; "
+                  f"the same command resumes from it", flush=True)
+          return {"stopped_at": t, "preempted": True}
+        return {"stopped_at": t}
   if pending is not None:
     last_row = flush(pending)
+  bad = all_quarantined()
+  if bad:
+    _stop_diverged(bad, T, algo, state, ckpt, train_it, latest_sync, mesh, workdir,
+                   (writer, train_it, eval_it))
   wall = time.perf_counter() - t_wall
 
   if last_row is not None and last_row["step"] == T and "eval_loss" in last_row:
@@ -310,6 +362,23 @@ def run(config: ml_collections.ConfigDict, workdir: str, stop_after: int | None 
     with open(os.path.join(workdir, "summary.json"), "w", encoding="utf-8") as f:
       json.dump(summary, f, indent=2)
   return summary
+
+
+def _stop_diverged(bad, t, algo, state, ckpt, train_it, latest_sync, mesh, workdir, others):
+  """Every worker was quarantined at sync `bad` = (step, fragment): θ_g never took that
+  sync's Δ, so restart every worker from it, save that state as step t's checkpoint, stop."""
+  step, p = bad
+  state = algo.restart_workers(state, range(algo.M), reset_inner_opt=True)
+  ckpt.save(t, state, {"data_iterator": train_it.get_state(),
+                       "sync_diagnostics": _fetch(latest_sync, mesh)}, replace=True)
+  ckpt.close()
+  for closeable in others:
+    if closeable is not None:
+      closeable.close()
+  raise Diverged(f"every worker's outer gradient of fragment {p} was non-finite at step {step}, "
+                 f"so the run stopped; the checkpoint of step {t} in {workdir} holds the last good "
+                 f"state (the outer copy θ_g, which no non-finite Δ reached, with every worker "
+                 f"restarted from it)")
 
 
 def _compile_ahead(algo, state, batch, final_step: int, evaluate, eval_set,

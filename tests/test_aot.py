@@ -34,15 +34,17 @@ def test_streaming_state_bytes_per_device_are_exact():
   assert r["state_bytes_per_device"] == {
       "worker params": 4 * n, "inner optimizer state": 2 * 4 * n + 8, "outer params": 4 * n,
       "outer optimizer state": 4 * n, "in-flight outer gradients": 4 * n,
-      "quantizer residuals": 0}
+      "quantizer residuals": 0,
+      "sync status": 2 * (4 + 4)}   # per fragment: this worker's status and the count k
   assert r["batch_bytes_per_device"] == 8 * 65 * 4   # one worker's [B=8, L+1=65] int32
-  assert [p["program"] for p in r["programs"]] == ["inner_step", "send[0]", "receive[0]",
-                                                   "send[1]", "receive[1]"]
+  assert [p["program"] for p in r["programs"]] == ["inner_step", "restart, fresh inner state",
+                                                   "send[0]", "receive[0]", "send[1]",
+                                                   "receive[1]"]
   assert r["peak_bytes_per_device"] == (sum(r["state_bytes_per_device"].values())
                                         + r["batch_bytes_per_device"]
                                         + max(p["temp_bytes"] for p in r["programs"]))
   assert set(r["host_state_bytes_per_device"].values()) == {0}
-  assert r["state_vs_dp"] == (4 * 4 * n + 2 * 4 * n + 8) / (3 * 4 * n + 8)   # ≈ 2 with τ = 1
+  assert r["state_vs_dp"] == (4 * 4 * n + 2 * 4 * n + 8 + 16) / (3 * 4 * n + 8)   # ≈ 2, τ = 1
   assert r["fits"] is True
   assert aot.check(c, hbm_gib=r["peak_bytes_per_device"] / 2**30 * 0.99)["fits"] is False
   assert "peak estimate" in aot.format_report(r)
@@ -77,19 +79,20 @@ def test_offloaded_outer_state_is_counted_in_host_memory_and_sharded_state_exact
   assert r["state_bytes_per_device"] == {
       "worker params": 4 * sharded, "inner optimizer state": 2 * 4 * sharded + 8,
       "outer params": 0, "outer optimizer state": 0, "in-flight outer gradients": 0,
-      "quantizer residuals": 0}
+      "quantizer residuals": 0, "sync status": 3 * 8}
   assert r["host_state_bytes_per_device"] == {
       "worker params": 0, "inner optimizer state": 0, "outer params": 4 * sharded,
       "outer optimizer state": 4 * sharded, "in-flight outer gradients": 4 * sharded,
-      "quantizer residuals": 0}
-  assert r["state_vs_dp"] == 1.0
+      "quantizer residuals": 0, "sync status": 0}
+  dp = 3 * 4 * sharded + 8
+  assert r["state_vs_dp"] == (dp + 24) / dp
   fetched = {p["program"]: p["fetched_bytes"] for p in r["programs"]}
   assert fetched["inner_step"] == 0
   # A send reads θ_g of its fragment; a receive θ_g, the momentum and the in-flight Δ.
   assert all(3 * fetched[f"send[{p}]"] == fetched[f"receive[{p}]"] > 0 for p in range(3))
   assert sum(fetched[f"send[{p}]"] for p in range(3)) == 4 * sharded
   largest = max(fetched.values())
-  assert r["state_vs_dp_in_sync"] == (3 * 4 * sharded + 8 + largest) / (3 * 4 * sharded + 8)
+  assert r["state_vs_dp_in_sync"] == (dp + 24 + largest) / dp
 
 
 def test_bad_config_is_one_sentence():

@@ -61,10 +61,13 @@ def test_compile_lists_every_program_of_each_method(report):
   P = report["streaming"]["num_fragments"]
   names = {m: [p["name"] for p in report["compile"][m]["programs"]] for m in METHODS}
   assert names["dp"] == ["step"]
-  assert names["diloco"] == ["inner_step", "sync[0]"]   # one fragment, τ = 0
+  # The restart of quarantined workers (a no-op unless a Δ is non-finite), then one fragment
+  # at τ = 0.
+  restart = "restart, fresh inner state"
+  assert names["diloco"] == ["inner_step", restart, "sync[0]"]
   # τ >= 1: a send and a receive per fragment, off the inner step's path.
-  assert names["streaming"] == ["inner_step"] + [f"{k}[{p}]" for p in range(P)
-                                                 for k in ("send", "receive")]
+  assert names["streaming"] == ["inner_step", restart] + [f"{k}[{p}]" for p in range(P)
+                                                          for k in ("send", "receive")]
   for m in METHODS:
     c = report["compile"][m]
     assert _positive(c["lower_s"]) and _positive(c["compile_s"]), (m, c)
@@ -101,10 +104,12 @@ def test_state_bytes_are_what_the_state_holds(report):
   dp = 12 * N + 12
   # DiLoCo, every device (one worker each): the same for its worker, plus the outer copy θ_g
   # (4N) and the Nesterov momentum (4N), and the PRNG key (two uint32).
-  diloco = dp + 8 * N + 8
+  # And per fragment its last sync's status (this worker's, fp32) and count of workers in it.
+  P = report["streaming"]["num_fragments"]
+  diloco = dp + 8 * N + 8 + 8
   # Streaming DiLoCo with τ >= 1 also keeps every fragment's in-flight Δ in fp32 (4N in all):
   # nothing is offloaded to the host.
-  streaming = diloco + 4 * N
+  streaming = diloco + 4 * N + 8 * (P - 1)
   assert mem["dp"]["total"] == dp
   assert mem["diloco"]["total"] == diloco
   assert mem["streaming"]["total"] == streaming
@@ -113,9 +118,11 @@ def test_state_bytes_are_what_the_state_holds(report):
     assert sum(mem[m]["fields"].values()) == mem[m]["total"], m
   assert mem["diloco"]["fields"]["outer_opt_state"] == 4 * N
   assert mem["streaming"]["fields"]["inflight"] == 4 * N
-  # 20N + 20 over 12N + 12: the paper's 5/3 holds exactly, counters included.
-  assert Fraction(mem["diloco"]["total"], mem["dp"]["total"]) == Fraction(5, 3)
-  assert mem["diloco"]["ratio_vs_dp"] == pytest.approx(5 / 3, rel=1e-12)
+  assert mem["diloco"]["fields"]["status"] == 8 and mem["streaming"]["fields"]["status"] == 8 * P
+  # 20N + 20 over 12N + 12: the paper's 5/3 holds exactly, counters included (and the 8 bytes
+  # of sync status apart).
+  assert Fraction(mem["diloco"]["total"] - 8, mem["dp"]["total"]) == Fraction(5, 3)
+  assert mem["diloco"]["ratio_vs_dp"] == pytest.approx((20 * N + 28) / (12 * N + 12), rel=1e-12)
   assert mem["streaming"]["ratio_vs_dp"] == pytest.approx(streaming / dp, rel=1e-12)
   # Offloading would keep only the largest fragment's outer state and in-flight Δ on device.
   largest = max(report["streaming"]["fragment_numel"])
@@ -167,7 +174,9 @@ def test_layouts_divide_each_workers_state_by_data_times_model(report):
     assert mem["fields"]["inflight"] == params, name           # τ = 1: every fragment's Δ
     # AdamW's two moments, and its count and the schedule's count of this device's worker.
     assert mem["fields"]["inner_opt_state"] == 2 * params + 8, name
-    assert mem["total"] == 6 * params + 4 + 8 + 8, name        # + step and the PRNG key
+    # + step, the PRNG key and each fragment's sync status (this worker's, and the count)
+    assert mem["fields"]["status"] == 8 * report["streaming"]["num_fragments"], name
+    assert mem["total"] == 6 * params + 4 + 8 + 8 + mem["fields"]["status"], name
     assert sum(mem["fields"].values()) == mem["total"], name
     assert mem["per_device"] == [mem["total"]] * row["devices"], name
     assert mem["ratio"] == pytest.approx(mem["total"] / rows["replicated"]["memory"]["total"])

@@ -109,10 +109,11 @@ def test_a_json_round_trip_builds_the_same_config():
 # ------------------------------------------------------------------------------ unknown keys
 def test_an_unknown_key_is_named_with_the_allowed_keys():
   with pytest.raises(ConfigError, match=re.escape(
-      "unknown key diloco.foo; allowed: codec, codec_block_size, delayed, eager, error_feedback, "
-      "fragment_pattern, inner_steps, layers_per_fragment, merge_alpha, num_workers, "
-      "offload_outer, outer_lr, outer_momentum, outer_optimizer, overlap_steps, "
-      "router_sync_every, stochastic_rounding, wire, worker_overlap_steps") + "$"):
+      "unknown key diloco.foo; allowed: codec, codec_block_size, delayed, drop_prob, eager, "
+      "error_feedback, fragment_pattern, inner_steps, layers_per_fragment, merge_alpha, "
+      "num_workers, offload_outer, outages, outer_lr, outer_momentum, outer_optimizer, "
+      "overlap_steps, quarantine, rejoin_reset_inner_opt, router_sync_every, "
+      "stochastic_rounding, wire, worker_overlap_steps") + "$"):
     _build(**{"diloco.foo": 1})
   with pytest.raises(ConfigError, match=re.escape(
       "unknown key mesh.ring; allowed: context, data, expert, model, num_cpu_devices") + "$"):

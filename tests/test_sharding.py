@@ -320,7 +320,8 @@ def test_packed_bits_equal_what_the_hlo_moves_over_the_worker_axis():
   per_worker = mesh_lib.devices_per_worker(algo.mesh)
   f = algo.fragments
   for p in range(f.num_fragments):
-    args = (f.select(state.outer_params, p), f.select(state.local_params, p), [], state.rng)
+    args = (f.select(state.outer_params, p), f.select(state.local_params, p), [], state.rng,
+            algo._everyone)
     hlo = algo._send[p].lower(*args).compile().as_text()
     moved = 0
     for line in hlo.splitlines():

@@ -352,7 +352,8 @@ def test_packed_wire_hlo_moves_low_bit_payload_and_bits_match_metrics():
   state = algo.init(toy.init_params())
   f = algo.fragments
   for p in range(f.num_fragments):
-    args = (f.select(state.outer_params, p), f.select(state.local_params, p), [], state.rng)
+    args = (f.select(state.outer_params, p), f.select(state.local_params, p), [], state.rng,
+            algo._everyone)
     hlo = algo._send[p].lower(*args).compile().as_text()
     gathers = re.findall(r"= (\w+)\[([\d,]*)\]\{[\d,]*\} all-gather\(", hlo)
     assert {g[0] for g in gathers} == {"u8", "f32"}, gathers   # packed codes, block scales
@@ -476,8 +477,8 @@ def test_error_feedback_adds_the_residual_to_the_next_send():
       f = algo.fragments
       outer_p, local_p = f.select(state.outer_params, 0), f.select(state.local_params, 0)
       res_p = list(state.residual)
-      g_new, local_p, opt_p, res_p, rng, _ = algo._sync[0](
-          outer_p, local_p, state.outer_opt_state[0], res_p, state.rng)
+      g_new, local_p, opt_p, res_p, rng, _, _ = algo._sync[0](
+          outer_p, local_p, state.outer_opt_state[0], res_p, state.rng, algo._everyone)
       state = state.replace(outer_params=f.merge_into(state.outer_params, 0, g_new),
                             local_params=f.merge_into(state.local_params, 0, local_p),
                             outer_opt_state=(opt_p,), residual=tuple(res_p), rng=rng)
@@ -527,10 +528,11 @@ def test_reference_wire_moves_only_the_fp32_all_reduce():
   state = algo.init(toy.init_params())
   f = algo.fragments
   args = (f.select(state.outer_params, 0), f.select(state.local_params, 0),
-          state.outer_opt_state[0], [], state.rng)
+          state.outer_opt_state[0], [], state.rng, algo._everyone)
   hlo = algo._sync[0].lower(*args).compile().as_text()
   for shape in re.findall(r"= (\w+\[[\d,]*\])\{[\d,]*\} all-gather\(", hlo):
-    assert int(np.prod([int(x) for x in re.findall(r"\d+", shape)] or [1])) <= M, shape
+    dims = shape.split("[")[1]
+    assert int(np.prod([int(x) for x in re.findall(r"\d+", dims)] or [1])) <= M, shape
   reduces = re.findall(r"= \(?(.*?)\)? all-reduce\(", hlo)
   sizes = [int(np.prod([int(x) for x in dims.split(",") if x] or [1]))
            for r in reduces for dims in re.findall(r"f32\[([\d,]*)\]", r)]

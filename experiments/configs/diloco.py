@@ -79,6 +79,13 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
                                    # at round r is applied at r+1 as it is (naive delay)
   c.diloco.eager = False           # ... with eager updates (SPEC §5): each worker applies its
                                    # own fresh Δ_m plus the others' one-round-stale ones
+  c.diloco.drop_prob = 0.0         # faults: each worker's outer gradient is dropped with this
+                                   # probability at every sync (the mean is over the others)
+  c.diloco.outages = ()            # faults: ((worker, step, duration), ...): gone for those
+                                   # steps, back at step + duration (restarted from θ_g)
+  c.diloco.rejoin_reset_inner_opt = False  # ... and with fresh Adam moments
+  c.diloco.quarantine = True       # a worker whose Δ has a NaN/inf is left out of that sync
+                                   # and restarted from θ_g (counted in quarantined/p)
 
   c.train = ml_collections.ConfigDict()
   c.train.num_steps = 300          # T, inner steps per worker
