@@ -277,6 +277,8 @@ class TrainConfig:
                                    # (fresh optimizer state; e.g. "train short, continue long")
   final_sync: bool = True          # DiLoCo family: after step T every fragment's θ_g takes in
                                    # all inner steps (pending receives land, the rest sync once)
+  allow_fewer_workers: bool = False   # a checkpoint saved by more workers than
+                                   # diloco.num_workers resumes with its first M workers' state
 
   def __post_init__(self):
     if not isinstance(self.init_from, str):
@@ -300,6 +302,7 @@ class TrainConfig:
       _set(self, "grad_clip", clip or None)
     _integer("train.log_every", self.log_every, 1)
     _bool("train.final_sync", self.final_sync)
+    _bool("train.allow_fewer_workers", self.allow_fewer_workers)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

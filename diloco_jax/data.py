@@ -518,6 +518,23 @@ class WorkerBatches:
     self._iterator.close()
 
 
+def state_for_fewer_workers(state: dict, saved_workers: int, it: WorkerBatches) -> dict:
+  """The state of `it` (a stream with fewer workers M) that continues a stream saved by
+  `saved_workers` workers at `state`: the same data and arguments but M. It starts at the first
+  step whose positions all lie after those the saved run read (step k reads positions
+  ``k*M*B ...``), so nothing is read twice and less than one step of data is skipped."""
+  head, _, shape = it.pipeline.rpartition("|")
+  m = int(shape.split(",")[0].removeprefix("M="))
+  saved = f"{head}|M={saved_workers}," + shape.split(",", 1)[1]
+  if not isinstance(state, dict) or state.get("pipeline") != saved or saved_workers < m:
+    raise ValueError(
+      f"data iterator state {state!r} is not one of {saved_workers} >= {m} workers of "
+      f"the stream {it.pipeline!r}."
+    )
+  next_index = _check_int("next_index", state["next_index"], 0)
+  return {**state, "pipeline": it.pipeline, "next_index": -(-next_index * saved_workers // m)}
+
+
 def make_batches(
   source: SyntheticLanguage | TextBytes,
   *,

@@ -87,6 +87,21 @@ def resolve(coordinator_address: str | None = None, num_processes: int | None = 
   return ProcessGroup(str(address), n, i)
 
 
+def process_count(group: ProcessGroup | None, env: Mapping[str, str] | None = None
+                  ) -> int | None:
+  """How many processes the run has, known before JAX starts: 1 alone, the flags' count, or
+  the cluster's task count (SLURM, Open MPI); None where only JAX's detection would know."""
+  if group is None:
+    return 1
+  if not group.auto:
+    return group.num_processes
+  env = os.environ if env is None else env
+  for key in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"):
+    if env.get(key, "").isdigit():
+      return int(env[key])
+  return None
+
+
 def initialize(group: ProcessGroup | None, heartbeat_timeout_s: int = 100,
                initialization_timeout_s: int = 300) -> None:
   """Joins the group (before any JAX backend starts). CPU collectives go through gloo."""

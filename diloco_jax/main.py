@@ -26,6 +26,11 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0-
 _HEARTBEAT = flags.DEFINE_integer(
     "heartbeat_timeout_s", 100, "A process silent this long is declared dead and every other "
     "process exits with an error (instead of waiting in a collective forever).", lower_bound=1)
+_ORIGINAL = flags.DEFINE_integer(
+    "original_num_processes", None, "The run started on this many processes and goes on with "
+    "fewer (launch/local.sh --allow_fewer): diloco.num_workers and mesh.num_cpu_devices are "
+    "scaled by num_processes / original_num_processes, and a checkpoint of more workers resumes "
+    "with its first ones (train.allow_fewer_workers).", lower_bound=1)
 _LOG_ALL = flags.DEFINE_bool("log_all_processes", False,
                              "Every process prints its own progress lines (default: process 0).")
 flags.mark_flags_as_required(["config", "workdir"])
@@ -44,6 +49,12 @@ def main(argv):
   except ValueError as e:
     print(f"flag error: {e}", file=sys.stderr)
     return 2
+  if _ORIGINAL.value is not None:
+    try:
+      survivors_config(config, distributed.process_count(group), _ORIGINAL.value)
+    except ValueError as e:
+      print(f"flag error: {e}", file=sys.stderr)
+      return 2
   try:
     rc = config_lib.from_config_dict(config)   # starts no JAX backend
     config_lib.check_workdir(_WORKDIR.value)
@@ -73,6 +84,26 @@ def main(argv):
   if distributed.is_primary():
     print(train.format_summary(summary))
   return 0
+
+
+def survivors_config(config, num_processes: int | None, original: int) -> None:
+  """Scales `config` (a ConfigDict, in place) from `original` processes to `num_processes`:
+  the same workers per process, so M' = M · num_processes / original, and a checkpoint of the
+  M workers resumes with the first M'. Raises ValueError (one sentence) where M' is not whole."""
+  if num_processes is None:
+    raise ValueError("--original_num_processes needs the process count before JAX starts: "
+                     "pass --num_processes (or run under SLURM or Open MPI)")
+  if num_processes > original:
+    raise ValueError(f"--original_num_processes={original} is less than the "
+                     f"{num_processes} processes of this run (it only shrinks a run)")
+  m = config.diloco.num_workers
+  if m * num_processes % original:
+    raise ValueError(f"diloco.num_workers={m} over --original_num_processes={original} does not "
+                     f"leave a whole number of workers on {num_processes} processes")
+  config.diloco.num_workers = m * num_processes // original
+  if config.mesh.get("num_cpu_devices"):
+    config.mesh.num_cpu_devices = config.mesh.num_cpu_devices * num_processes // original
+  config.train.allow_fewer_workers = True
 
 
 def _kind(e: Exception) -> str:

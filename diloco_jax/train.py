@@ -193,8 +193,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, stop_after: int | None 
   start, restored_sync = 0, {}
   if ckpt.latest_step() is not None:   # resume from the newest checkpoint that reads
     unreadable = os.path.join(workdir, "unreadable_checkpoints")
-    start, restored, host_state, skipped = ckpt.restore_newest_readable(state, unreadable,
-                                                                        primary)
+    try:
+      start, restored, host_state, skipped = ckpt.restore_newest_readable(
+          state, unreadable, primary, fewer_workers=rc.train.allow_fewer_workers)
+    except checkpoint.LayoutMismatch as e:
+      raise InputError(f"{e}; resume with the config that wrote it ({workdir}/config.json is "
+                       f"the latest run's) or use another workdir") from None
     for step, reason in skipped if primary else ():
       print(f"checkpoint {step} in {workdir} cannot be read ({reason}); moved it to "
             f"{unreadable} and trying the one before", flush=True)
@@ -202,10 +206,18 @@ def run(config: ml_collections.ConfigDict, workdir: str, stop_after: int | None 
       raise InputError(f"no checkpoint in {workdir} can be read (all moved to {unreadable}); "
                        f"run again to start from step 0, or restore them by hand")
     state = restored
-    train_it.set_state(host_state["data_iterator"])
+    saved_m = host_state.get("num_workers", M)
+    if saved_m != M:   # train.allow_fewer_workers: the first M workers' state went on
+      train_it.set_state(data.state_for_fewer_workers(host_state["data_iterator"], saved_m,
+                                                      train_it))
+    else:
+      train_it.set_state(host_state["data_iterator"])
     restored_sync = host_state["sync_diagnostics"]
     if primary:
-      print(f"resumed from step {start} in {workdir}", flush=True)
+      print(f"resumed from step {start} in {workdir}" + (
+          f" with the first {M} of its {saved_m} workers (the others' parameters and inner "
+          f"optimizer state since their last sync are dropped; θ_g and the outer optimizer "
+          f"carry on)" if saved_m != M else ""), flush=True)
   writer = metrics_lib.MetricsWriter(workdir, resume_step=start) if primary else None
   progress = metrics_lib.Progress(
       T, start, prefix=f"[process {jax.process_index()}] " if log_all_processes
@@ -308,10 +320,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, stop_after: int | None 
         if bad:
           _stop_diverged(bad, t, algo, state, ckpt, train_it, latest_sync, mesh, workdir,
                          (writer, train_it, eval_it))
-        # The host-side state: the data position and the latest sync diagnostics (floats, read
-        # here where orbax copies the state to the host anyway), so a resumed run logs the same.
-        ckpt.save(t, state, {"data_iterator": train_it.get_state(),
-                             "sync_diagnostics": _fetch(latest_sync, mesh)})
+        ckpt.save(t, state, _host_state(train_it, latest_sync, mesh, M))
       if (preempted or stop_after is not None and t >= stop_after) and not final:
         if pending is not None:
           flush(pending)
@@ -364,13 +373,20 @@ def run(config: ml_collections.ConfigDict, workdir: str, stop_after: int | None 
   return summary
 
 
+def _host_state(train_it, latest_sync, mesh, M: int) -> dict:
+  """What a checkpoint keeps besides the arrays: the data position, the latest sync diagnostics
+  (floats, read where orbax copies the state to the host anyway, so a resumed run logs the
+  same) and the worker count (a run with fewer workers can resume from it)."""
+  return {"data_iterator": train_it.get_state(), "sync_diagnostics": _fetch(latest_sync, mesh),
+          "num_workers": M}
+
+
 def _stop_diverged(bad, t, algo, state, ckpt, train_it, latest_sync, mesh, workdir, others):
   """Every worker was quarantined at sync `bad` = (step, fragment): θ_g never took that
   sync's Δ, so restart every worker from it, save that state as step t's checkpoint, stop."""
   step, p = bad
   state = algo.restart_workers(state, range(algo.M), reset_inner_opt=True)
-  ckpt.save(t, state, {"data_iterator": train_it.get_state(),
-                       "sync_diagnostics": _fetch(latest_sync, mesh)}, replace=True)
+  ckpt.save(t, state, _host_state(train_it, latest_sync, mesh, algo.M), replace=True)
   ckpt.close()
   for closeable in others:
     if closeable is not None:

@@ -36,6 +36,15 @@ def _rows(workdir):
   return rows
 
 
+def _by_path(tree, np_asarray=True):
+  """{"local_params/embed/...": leaf}: the same names for a state and its restore_saved tree
+  (which comes back as nested dicts)."""
+  def name(k):
+    return str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
+  return {"/".join(name(k) for k in path): np.asarray(x) if np_asarray else x
+          for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
 def _assert_same_run(got, want):
   (a, da), (b, db) = _final(got), _final(want)
   assert len(a) == len(b) > 5
@@ -156,3 +165,70 @@ def test_when_no_checkpoint_reads_the_run_stops_with_one_sentence(tmp_path):
                                              rf"to {wd}/unreadable_checkpoints\)"):
     train.run(small_config(), wd)
   assert sorted(os.listdir(tmp_path / "unreadable_checkpoints")) == ["4", "8"]
+
+
+def test_a_stream_of_fewer_workers_starts_where_the_saved_one_stopped():
+  source = data.SyntheticLanguage(vocab_size=32, num_classes=4, seed=0)
+  kw = dict(batch_size=2, seq_len=8, seed=3, num_threads=0)
+  two = data.make_batches(source, num_workers=2, **kw)
+  for _ in range(3):   # the saved run read steps 0-2: stream positions 0-11
+    next(two)
+  saved = two.get_state()
+  unread = next(two)   # positions 12-15: position 12 + b*2 + m is row b of worker m
+  one = data.make_batches(source, num_workers=1, **kw)
+  one.set_state(data.state_for_fewer_workers(saved, 2, one))
+  assert one.get_state()["next_index"] == 6   # ⌈3 · 2 / 1⌉: positions 12, 13 first
+  got = next(one)
+  np.testing.assert_array_equal(got[0, 0], unread[0, 0])   # position 12
+  np.testing.assert_array_equal(got[0, 1], unread[1, 0])   # position 13
+  three = data.make_batches(source, num_workers=3, **kw)
+  with pytest.raises(ValueError, match="is not one of 2 >= 3 workers"):
+    data.state_for_fewer_workers(saved, 2, three)
+  for it in (two, one, three):
+    it.close()
+
+
+def test_a_checkpoint_of_more_workers_resumes_with_the_first_ones_only_when_allowed(
+    tmp_path, monkeypatch, capsys):
+  wd = str(tmp_path)
+  assert train.run(small_config(), wd, stop_after=5) == {"stopped_at": 5}   # saved 4
+  fewer = small_config(**{"diloco.num_workers": 1})
+  with pytest.raises(train.InputError, match=(
+      rf"^checkpoint 4 in {wd}/checkpoints cannot be restored onto this run: it was saved by 2 "
+      rf"workers and this config has 1 \(diloco.num_workers\); set "
+      rf"train.allow_fewer_workers=True to resume with its first 1 workers; resume with the "
+      rf"config that wrote it \({wd}/config.json is the latest run's\) or use another workdir$")):
+    train.run(fewer, wd)
+  bigger = small_config(**{"model.d_model": 48})   # a readable checkpoint of another model
+  with pytest.raises(train.InputError, match=r"cannot be restored onto this run: array \d+ was "
+                                             r"saved as float32\[.*\] and this config's state"):
+    train.run(bigger, wd)
+  assert os.listdir(tmp_path / "checkpoints") == ["4"]   # neither error moved it aside
+  assert not (tmp_path / "unreadable_checkpoints").exists()
+
+  ckpt = checkpoint.Checkpointer(os.path.join(wd, "checkpoints"))
+  saved = _by_path(ckpt.restore_saved(4)[0])
+  ckpt.close()
+  real, got = checkpoint.Checkpointer.restore_newest_readable, {}
+
+  def spy(self, *args, **kwargs):   # a copy: training donates the restored buffers
+    out = real(self, *args, **kwargs)
+    got["out"] = (out[0], _by_path(out[1]), {k: checkpoint._is_worker_leaf(x) for k, x in
+                                             _by_path(out[1], np_asarray=False).items()},
+                  *out[2:])
+    return out
+
+  monkeypatch.setattr(checkpoint.Checkpointer, "restore_newest_readable", spy)
+  capsys.readouterr()
+  summary = train.run(small_config(**{"diloco.num_workers": 1, "train.allow_fewer_workers": True}),
+                      wd)
+  assert (f"resumed from step 4 in {wd} with the first 1 of its 2 workers"
+          in capsys.readouterr().out)
+  assert summary["steps_this_run"] == 8 and summary["num_steps"] == 12
+  step, leaves, cut, host, skipped = got["out"]
+  assert (step, skipped, host["num_workers"]) == (4, [], 2)
+  assert leaves.keys() == saved.keys()
+  assert 5 < sum(cut.values()) < len(leaves)   # per-worker leaves and shared ones
+  for k, x in leaves.items():
+    np.testing.assert_array_equal(x, saved[k][:1] if cut[k] else saved[k], err_msg=k)
+  assert np.isfinite(summary["final_eval_loss"])

@@ -82,6 +82,26 @@ def test_slurm_batch_script_has_one_task_per_node():
   assert lines[-1].startswith("sbatch ") and lines[-1].endswith(".sbatch")
 
 
+def test_slurm_restart_runs_srun_again_and_allow_fewer_on_the_nodes_still_up():
+  out = subprocess.run(["bash", "launch/slurm.sh", "--dry-run", "--nodes=4", "--gpus_per_node=8",
+                        "--restart=2", "--allow_fewer=1", "--", *FLAGS], cwd=REPO,
+                       capture_output=True, text=True, timeout=60)
+  assert out.returncode == 0, out.stderr
+  script = out.stdout[:out.stdout.rindex("sbatch ")]
+  assert "#SBATCH --no-kill" in script.splitlines()
+  subprocess.run(["bash", "-n"], input=script, check=True, text=True)   # it parses
+  srun = next(line.strip() for line in script.splitlines() if "srun " in line)
+  words = shlex.split(srun.split("|| rc=")[0].split("; ", 1)[1])
+  assert words[:3] == ["srun", "--nodes=$NODES", "--ntasks=$NODES"]
+  assert words[6:] == [*FLAGS, "$EXTRA"]
+  assert "for attempt in $(seq 0 2); do" in script
+  assert "EXTRA=--original_num_processes=4" in script
+  plain = subprocess.run(["bash", "launch/slurm.sh", "--dry-run", "--nodes=4", "--gpus_per_node=8",
+                          "--restart=1", "--", *FLAGS], cwd=REPO, capture_output=True, text=True,
+                         timeout=60).stdout
+  assert "--no-kill" not in plain and "original_num_processes" not in plain
+
+
 def test_local_dry_run_gives_each_process_its_id():
   out = subprocess.run(["bash", "launch/local.sh", "3", "--dry-run", *FLAGS], cwd=REPO,
                        capture_output=True, text=True, timeout=60,
@@ -93,6 +113,94 @@ def test_local_dry_run_gives_each_process_its_id():
     assert cmd[cmd.index("diloco_jax.main") + 1:] == [
         "--coordinator_address=127.0.0.1:4321", "--num_processes=3", f"--process_id={i}",
         "--heartbeat_timeout_s=10", *FLAGS]
+
+
+# A stand-in for python that acts out a failure: process 1 is killed (SIGKILL) the first time it
+# runs; process 0 then fails the way JAX ends it when a peer dies; afterwards every process
+# succeeds, or with FAKE_RC every one exits with that status. Each start is logged with its
+# arguments.
+FAKE_PYTHON = """#!/usr/bin/env bash
+[ "$1" = -c ] && exec python3 "$@"
+{ printf '%q ' "$@"; echo; } >> "$FAKE_DIR/starts"
+id=$(printf '%s\\n' "$@" | sed -n 's/^--process_id=//p')
+[ -n "${FAKE_RC:-}" ] && exit "$FAKE_RC"
+if [ "$id" = 1 ] && [ ! -e "$FAKE_DIR/killed" ]; then touch "$FAKE_DIR/killed"; kill -9 $$; fi
+if [ "$id" = 0 ] && [ ! -e "$FAKE_DIR/p0_failed" ]; then
+  sleep 1; touch "$FAKE_DIR/p0_failed"; echo "another task died"; exit 1
+fi
+exit 0
+"""
+
+
+def _local_with_fake_python(tmp_path, *opts, rc=None):
+  fake = tmp_path / "python"
+  fake.write_text(FAKE_PYTHON)
+  fake.chmod(0o755)
+  env = {"PATH": "/usr/bin:/bin", "PYTHON": str(fake), "FAKE_DIR": str(tmp_path),
+         **({"FAKE_RC": str(rc)} if rc is not None else {})}
+  out = subprocess.run(["bash", "launch/local.sh", "2", *opts, *FLAGS], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=60)
+  starts = [shlex.split(line) for line in (tmp_path / "starts").read_text().splitlines()]
+  return out, [s[s.index("diloco_jax.main") + 1:] for s in starts]
+
+
+def _flag(words, name):
+  return next((w.split("=", 1)[1] for w in words if w.startswith(f"--{name}=")), None)
+
+
+def test_local_restart_starts_every_process_again_after_one_is_killed(tmp_path):
+  out, starts = _local_with_fake_python(tmp_path, "--restart=2")
+  assert out.returncode == 0, out.stderr
+  assert "local.sh: process 1 was ended by signal 9 (KILL)" in out.stderr
+  assert "local.sh: restart 1 of 2 on 2 processes, from the last checkpoint" in out.stderr
+  assert "restart 2" not in out.stderr
+  assert sorted((_flag(s, "num_processes"), _flag(s, "process_id")) for s in starts) == [
+      ("2", "0"), ("2", "0"), ("2", "1"), ("2", "1")]
+  assert all(_flag(s, "original_num_processes") is None and s[-len(FLAGS):] == FLAGS
+             for s in starts)
+  # A new coordinator port for the new attempt (the old one may still be held).
+  assert len({_flag(s, "coordinator_address") for s in starts}) == 2
+
+
+def test_local_allow_fewer_goes_on_with_the_survivors(tmp_path):
+  out, starts = _local_with_fake_python(tmp_path, "--restart=2", "--allow_fewer")
+  assert out.returncode == 0, out.stderr
+  assert "local.sh: restart 1 of 2 on 1 processes, from the last checkpoint" in out.stderr
+  assert len(starts) == 3
+  last = starts[-1]
+  assert (_flag(last, "num_processes"), _flag(last, "process_id"),
+          _flag(last, "original_num_processes")) == ("1", "0", "2")
+  assert last[-len(FLAGS):] == FLAGS
+
+
+@pytest.mark.parametrize("opts,rc,said", [
+    (["--restart=3"], 2, "local.sh: not restarting: a process exited with 2 (bad input)"),
+    (["--restart=0"], None, "local.sh: FAILED: process 1 was ended by signal 9 (KILL) first"),
+])
+def test_local_does_not_restart_bad_input_or_past_its_count(tmp_path, opts, rc, said):
+  out, starts = _local_with_fake_python(tmp_path, *opts, rc=rc)
+  assert out.returncode == (2 if rc == 2 else 137)
+  assert said in out.stderr and "restart 1" not in out.stderr
+  assert len(starts) == 2
+
+
+def test_survivors_keep_the_workers_per_process():
+  from diloco_jax import main  # noqa: PLC0415
+  from tests.test_train import small_config  # noqa: PLC0415
+  c = small_config(**{"diloco.num_workers": 4})
+  main.survivors_config(c, 1, 2)
+  assert (c.diloco.num_workers, c.train.allow_fewer_workers) == (2, True)
+  c.mesh.num_cpu_devices = 8
+  main.survivors_config(c, 1, 2)
+  assert (c.diloco.num_workers, c.mesh.num_cpu_devices) == (1, 4)
+  for n, original, message in [(1, 3, "does not leave a whole number of workers on 1 process"),
+                               (3, 2, "it only shrinks a run"),
+                               (None, 2, "needs the process count before JAX starts")]:
+    with pytest.raises(ValueError, match=message):
+      main.survivors_config(c, n, original)
+  assert distributed.process_count(distributed.ProcessGroup(auto=True),
+                                   env={"SLURM_NTASKS": "3"}) == 3
+  assert distributed.process_count(None) == 1
 
 
 @pytest.mark.parametrize("script,opts,message", [

@@ -210,3 +210,18 @@ def test_budget_takes_each_methods_best_sweep_lr_and_reports_the_targets(tmp_pat
   assert "2.0100 ± 0.0100" in text   # three seeds at M=2
   assert "**2.0000**" in open(tmp_path / "docs" / "sweep.md", encoding="utf-8").read()
   assert all(os.path.getsize(f) > 1000 for f in files if f.endswith(".png"))
+
+
+def test_faults_suite_drops_outer_gradients_beside_clean_runs(text_glob):
+  cells = rp.suite_cells("faults", rp.FULL)
+  assert {(c.keys["method"], c.keys["drop"]) for c in cells} == {("DP", 0.0)} | {
+      (m, d) for m in ("DiLoCo", "SD") for d in rp.DROP_PROBS}
+  runs = rp.unique_runs(cells, 1)
+  assert len({r.name for r in runs}) == len(runs) == 7
+  # The clean runs are the main suite's (same names: they train once for both).
+  main = {r.name for r in rp.unique_runs(rp.suite_cells("main", rp.FULL), 1)}
+  assert {r.name for r in runs if not r.drop} <= main
+  for r in runs:
+    c = config_lib.from_config_dict(rp.make_config(r, rp.FULL, text_glob))
+    assert c.diloco.drop_prob == r.drop and c.diloco.num_workers == 4
+    assert ("_drop" in r.name) == bool(r.drop)

@@ -101,6 +101,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.train.init_from = ""           # a finished run's workdir: start from its latest outer
                                    # params, fresh optimizer state ("train short, continue long")
   c.train.final_sync = True        # after step T, flush every fragment into the outer copy θ_g
+  c.train.allow_fewer_workers = False   # True: resume a checkpoint of more workers with the first M
                                    # (pending receives land; fragments not sent at T sync once
                                    # more), so the evaluated θ_g is not up to H steps stale
 
