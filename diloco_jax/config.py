@@ -642,6 +642,26 @@ class RunConfig:
         raise ConfigError(str(e)) from None
 
 
+def for_survivors(config, num_processes: int | None, original: int) -> None:
+  """Scales `config` (a ConfigDict, in place) from `original` processes to `num_processes`:
+  the same workers per process, so M' = M · num_processes / original, and a checkpoint of the
+  M workers resumes with the first M'. Raises ValueError (one sentence) where M' is not whole."""
+  if num_processes is None:
+    raise ValueError("--original_num_processes needs the process count before JAX starts: "
+                     "pass --num_processes (or run under SLURM or Open MPI)")
+  if num_processes > original:
+    raise ValueError(f"--original_num_processes={original} is less than the "
+                     f"{num_processes} processes of this run (it only shrinks a run)")
+  m = config.diloco.num_workers
+  if m * num_processes % original:
+    raise ValueError(f"diloco.num_workers={m} over --original_num_processes={original} does not "
+                     f"leave a whole number of workers on {num_processes} processes")
+  config.diloco.num_workers = m * num_processes // original
+  if config.mesh.get("num_cpu_devices"):
+    config.mesh.num_cpu_devices = config.mesh.num_cpu_devices * num_processes // original
+  config.train.allow_fewer_workers = True
+
+
 def from_config_dict(c) -> RunConfig:
   """The RunConfig of a ConfigDict (the config files' `get_config()`); raises ConfigError."""
   return RunConfig.from_dict(c)

@@ -51,7 +51,7 @@ def main(argv):
     return 2
   if _ORIGINAL.value is not None:
     try:
-      survivors_config(config, distributed.process_count(group), _ORIGINAL.value)
+      config_lib.for_survivors(config, distributed.process_count(group), _ORIGINAL.value)
     except ValueError as e:
       print(f"flag error: {e}", file=sys.stderr)
       return 2
@@ -84,26 +84,6 @@ def main(argv):
   if distributed.is_primary():
     print(train.format_summary(summary))
   return 0
-
-
-def survivors_config(config, num_processes: int | None, original: int) -> None:
-  """Scales `config` (a ConfigDict, in place) from `original` processes to `num_processes`:
-  the same workers per process, so M' = M · num_processes / original, and a checkpoint of the
-  M workers resumes with the first M'. Raises ValueError (one sentence) where M' is not whole."""
-  if num_processes is None:
-    raise ValueError("--original_num_processes needs the process count before JAX starts: "
-                     "pass --num_processes (or run under SLURM or Open MPI)")
-  if num_processes > original:
-    raise ValueError(f"--original_num_processes={original} is less than the "
-                     f"{num_processes} processes of this run (it only shrinks a run)")
-  m = config.diloco.num_workers
-  if m * num_processes % original:
-    raise ValueError(f"diloco.num_workers={m} over --original_num_processes={original} does not "
-                     f"leave a whole number of workers on {num_processes} processes")
-  config.diloco.num_workers = m * num_processes // original
-  if config.mesh.get("num_cpu_devices"):
-    config.mesh.num_cpu_devices = config.mesh.num_cpu_devices * num_processes // original
-  config.train.allow_fewer_workers = True
 
 
 def _kind(e: Exception) -> str:

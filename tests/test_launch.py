@@ -121,7 +121,7 @@ def test_local_dry_run_gives_each_process_its_id():
 # arguments.
 FAKE_PYTHON = """#!/usr/bin/env bash
 [ "$1" = -c ] && exec python3 "$@"
-{ printf '%q ' "$@"; echo; } >> "$FAKE_DIR/starts"
+line=$(printf '%q ' "$@"); echo "$line" >> "$FAKE_DIR/starts"   # one write: no interleaving
 id=$(printf '%s\\n' "$@" | sed -n 's/^--process_id=//p')
 [ -n "${FAKE_RC:-}" ] && exit "$FAKE_RC"
 if [ "$id" = 1 ] && [ ! -e "$FAKE_DIR/killed" ]; then touch "$FAKE_DIR/killed"; kill -9 $$; fi
@@ -185,19 +185,19 @@ def test_local_does_not_restart_bad_input_or_past_its_count(tmp_path, opts, rc, 
 
 
 def test_survivors_keep_the_workers_per_process():
-  from diloco_jax import main  # noqa: PLC0415
+  from diloco_jax import config as config_lib  # noqa: PLC0415
   from tests.test_train import small_config  # noqa: PLC0415
   c = small_config(**{"diloco.num_workers": 4})
-  main.survivors_config(c, 1, 2)
+  config_lib.for_survivors(c, 1, 2)
   assert (c.diloco.num_workers, c.train.allow_fewer_workers) == (2, True)
   c.mesh.num_cpu_devices = 8
-  main.survivors_config(c, 1, 2)
+  config_lib.for_survivors(c, 1, 2)
   assert (c.diloco.num_workers, c.mesh.num_cpu_devices) == (1, 4)
   for n, original, message in [(1, 3, "does not leave a whole number of workers on 1 process"),
                                (3, 2, "it only shrinks a run"),
                                (None, 2, "needs the process count before JAX starts")]:
     with pytest.raises(ValueError, match=message):
-      main.survivors_config(c, n, original)
+      config_lib.for_survivors(c, n, original)
   assert distributed.process_count(distributed.ProcessGroup(auto=True),
                                    env={"SLURM_NTASKS": "3"}) == 3
   assert distributed.process_count(None) == 1

@@ -245,10 +245,11 @@ def test_remat_block_gives_the_same_loss_and_gradients(params, batch):
   remat = model.config_from_preset("tiny", remat="block")
   grad = lambda cfg: jax.jit(jax.value_and_grad(lambda p: model.loss_fn(cfg, p, batch)[0]))(params)
   (l0, g0), (l1, g1) = grad(TINY), grad(remat)
-  assert float(l0) == float(l1)
   # The same maths, but two programs: XLA:CPU may order a sum differently inside the scan
   # (with YNNPACK's reductions off, mesh.py, entries differ by up to 2e-7 on gradients of
-  # order 1e-3), so the gradients are compared to fp32 accumulation error, not bit for bit.
+  # order 1e-3; with the suite's --xla_backend_optimization_level=0 the loss by one ulp), so
+  # both are compared to fp32 accumulation error, not bit for bit.
+  assert float(l1) == pytest.approx(float(l0), rel=1e-6)
   for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1), strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
