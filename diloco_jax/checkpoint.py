@@ -71,12 +71,11 @@ class Checkpointer:
     abstract = [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding) if m is None else
                 jax.ShapeDtypeStruct((m, *x.shape[1:]), x.dtype, sharding=_whole_workers(x))
                 for x, m in zip(like_leaves, cut)]
-    out = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(jax.tree.unflatten(treedef, abstract)),
-        data=ocp.args.JsonRestore()))
+    out = self._manager.restore(step, args=ocp.args.Composite(   # the JSON is read above
+        state=ocp.args.StandardRestore(jax.tree.unflatten(treedef, abstract))))
     leaves = [y if m is None else _first_workers(y, x)
               for y, x, m in zip(jax.tree.leaves(out["state"]), like_leaves, cut)]
-    return jax.tree.unflatten(treedef, leaves), out["data"]
+    return jax.tree.unflatten(treedef, leaves), host
 
   def restore_newest_readable(self, like_state: Any, set_aside: str, primary: bool = True,
                               fewer_workers: bool = False):
