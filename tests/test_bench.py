@@ -24,9 +24,9 @@ LAYOUTS = {"replicated": (1, 1), "fsdp": (4, 1), "fsdp_tp": (2, 2)}   # (mesh.da
 def report():
   env = dict(os.environ)
   # Not conftest's 8-device flag (the bench asks for its own: one per worker, and 8 for the
-  # layouts section). No LLVM
-  # optimisation either: this checks the report, not speed, and the whole run then takes about
-  # 60 % of the CPU time (most of it is compiling the three methods' eight programs).
+  # layouts section). conftest's compile flag (no LLVM optimisation):
+  # this checks the report, not speed, and most of the run is compiling the three methods'
+  # programs.
   env["XLA_FLAGS"] = "--xla_backend_optimization_level=0"
   env["JAX_PLATFORMS"] = "cpu"
   proc = subprocess.run([sys.executable, "experiments/bench.py", "--quick", "--json"], cwd=ROOT,

@@ -4,6 +4,7 @@ replicated layout, collectives that stay inside a worker, memory, recompiles, ch
 across meshes and the outer state offloaded to host memory."""
 
 import functools
+import inspect
 import math
 import re
 
@@ -62,8 +63,29 @@ def _init(algo):
   return algo.init(params, jax.random.PRNGKey(1))
 
 
+_SHARED = {}
+
+
+def _shared(kind, **kw):
+  """One algorithm per configuration for the whole module, and a fresh copy of its initial state:
+  most tests here only run a configuration another test also runs, and an algorithm compiles
+  its programs once (`init` would rebind it and start from fresh programs, so the initial state
+  is kept on the host and put back; the programs donate their arguments). The tests that check
+  what compiles build their own (`_streaming`)."""
+  bound = inspect.signature(_streaming).bind(kind, **kw)
+  bound.apply_defaults()
+  key = tuple(bound.arguments.items())
+  if key not in _SHARED:
+    algo = _streaming(kind, **kw)
+    _SHARED[key] = algo, jax.device_get(_init(algo))
+  algo, host = _SHARED[key]
+  return algo, jax.device_put(host, algo.state_shardings())
+
+
 def _run(algo, state, start, stop):
   metrics = None
+  if getattr(algo, "_last_t", None) != start - 1:   # another run of a shared algorithm: t's order check restarts
+    algo._last_t = None
   for t in range(start, stop + 1):
     batch = jax.device_put(BATCHES[t - 1], mesh_lib.batch_sharding(algo.mesh))
     state, metrics = algo.step(state, batch, t)
@@ -161,10 +183,10 @@ def test_spec_and_shard_shape_of_every_state_field(kind):
 # -------------------------------------------------------------------------- equivalence
 @pytest.mark.parametrize("kind", ["fsdp", "fsdp_tp"])
 def test_three_outer_rounds_fp32_equal_the_replicated_run(kind):
-  a = _streaming("replicated", codec="fp32")
-  b = _streaming(kind, codec="fp32")
-  one_a, _ = _run(a, _init(a), 1, H)
-  one_b, _ = _run(b, _init(b), 1, H)
+  a, init_a = _shared("replicated", codec="fp32")
+  b, init_b = _shared(kind, codec="fp32")
+  one_a, _ = _run(a, init_a, 1, H)
+  one_b, _ = _run(b, init_b, 1, H)
   assert _rel(one_b.outer_params, one_a.outer_params) <= 1e-6   # one outer round
   three_a, _ = _run(a, one_a, H + 1, 3 * H)
   three_b, _ = _run(b, one_b, H + 1, 3 * H)
@@ -186,10 +208,9 @@ def test_e3m0_programs_equal_the_replicated_layouts_programs(kind):
   inner step to 1e-6 (the partitioned matmuls sum in another order; end to end, E3M0 turns
   such last-bit differences into whole quantization steps where a value sits on a rounding
   boundary, see docs/design.md)."""
-  b = _streaming(kind)
-  state, _ = _run(b, _init(b), 1, 2 * H)
-  a = _streaming("replicated")
-  _init(a)   # binds a's layout
+  b, init_b = _shared(kind)
+  state, _ = _run(b, init_b, 1, 2 * H)
+  a, _ = _shared("replicated")
   state_a = jax.device_put(state, a.state_shardings())
   batch = BATCHES[2 * H]
   progs_b = b.programs(state, jax.device_put(batch, mesh_lib.batch_sharding(b.mesh)))
@@ -248,10 +269,8 @@ def test_one_fragment_no_overlap_is_plain_diloco_bit_for_bit_under_fsdp_tp():
 
 @pytest.mark.parametrize("codec", ["fp4_e3m0", "fp32"])
 def test_packed_wire_equals_reference_under_fsdp_tp(codec):
-  ref, packed = _streaming("fsdp_tp", codec=codec), _streaming("fsdp_tp", codec=codec,
-                                                              wire="packed")
-  a, _ = _run(ref, _init(ref), 1, H + 1)
-  b, _ = _run(packed, _init(packed), 1, H + 1)
+  a, _ = _run(*_shared("fsdp_tp", codec=codec), 1, H + 1)
+  b, _ = _run(*_shared("fsdp_tp", codec=codec, wire="packed"), 1, H + 1)
   _assert_equal(a, b)
 
 
@@ -295,8 +314,7 @@ def _collective_groups(hlo: str, mesh):
 
 @pytest.mark.parametrize("kind", ["fsdp_tp"])   # data and model axes both split
 def test_collectives_cross_workers_only_in_the_sync_and_only_over_the_worker_axis(kind):
-  algo = _streaming(kind)
-  state = _init(algo)
+  algo, state = _shared(kind)
   per_worker = mesh_lib.devices_per_worker(algo.mesh)
   batch = jax.ShapeDtypeStruct((M, B, L + 1), jnp.int32,
                                sharding=mesh_lib.batch_sharding(algo.mesh))
@@ -315,8 +333,7 @@ def test_collectives_cross_workers_only_in_the_sync_and_only_over_the_worker_axi
 
 
 def test_packed_bits_equal_what_the_hlo_moves_over_the_worker_axis():
-  algo = _streaming("fsdp_tp", wire="packed")
-  state = _init(algo)
+  algo, state = _shared("fsdp_tp", wire="packed")
   per_worker = mesh_lib.devices_per_worker(algo.mesh)
   f = algo.fragments
   for p in range(f.num_fragments):
@@ -340,8 +357,8 @@ def test_packed_bits_equal_what_the_hlo_moves_over_the_worker_axis():
 
 @pytest.mark.parametrize("kind", ["fsdp", "fsdp_tp"])
 def test_inner_step_argument_bytes_per_device_fall_by_data_times_model(kind):
-  def arg_bytes(algo):
-    state = _init(algo)
+  def arg_bytes(kind):
+    algo, state = _shared(kind)
     batch = jax.ShapeDtypeStruct((M, B, L + 1), jnp.int32,
                                  sharding=mesh_lib.batch_sharding(algo.mesh))
     _, fn, args = algo.programs(state, batch)[0]
@@ -356,8 +373,8 @@ def test_inner_step_argument_bytes_per_device_fall_by_data_times_model(kind):
   # norm scales (0.1 % of the params) is divided by data·model, the batch by data.
   def expected(n, data):
     return 3 * 4 * ((N - norms) // n + norms) + 2 * 4 + 4 + (B // data) * (L + 1) * 4
-  assert arg_bytes(_streaming("replicated")) == expected(1, 1)
-  assert arg_bytes(_streaming(kind)) == expected(n, data)
+  assert arg_bytes("replicated") == expected(1, 1)
+  assert arg_bytes(kind) == expected(n, data)
 
 
 def test_no_recompilation_after_the_first_outer_round_under_fsdp_tp():
@@ -371,21 +388,20 @@ def test_no_recompilation_after_the_first_outer_round_under_fsdp_tp():
 
 # ---------------------------------------------------------------- checkpoints across meshes
 def test_checkpoint_saved_under_data4_restores_under_data2_and_data1(tmp_path):
-  # The same algorithm as the other tests (their compiled programs are cached), with the rule
-  # table's specs on every mesh (on data=1 they are all P()).
+  # The same algorithm as the other tests (fsdp is data=4), with the rule table's specs on every
+  # mesh (on data=1 they are all P()).
   def fsdp(data):
     MESHES[f"data{data}"] = (data, 1)
-    return _streaming(f"data{data}")
-  a4 = fsdp(4)
-  saved, _ = _run(a4, _init(a4), 1, H + 1)   # fragment 0's mean in flight
+    return _shared("fsdp" if data == 4 else f"data{data}")
+  a4, init = fsdp(4)
+  saved, _ = _run(a4, init, 1, H + 1)   # fragment 0's mean in flight
   ckpt = checkpoint.Checkpointer(str(tmp_path / "ckpt"))
   ckpt.save(H + 1, saved, {"note": "data=4"})
   ckpt.wait()
   saved = jax.device_get(saved)   # host copies: the runs below donate their device buffers
   uninterrupted, _ = _run(a4, jax.device_put(saved, a4.state_shardings()), H + 2, 2 * H + 2)
   for data in (4, 2, 1):
-    algo = fsdp(data)
-    like = _init(algo)
+    algo, like = fsdp(data)
     restored, host = ckpt.restore(H + 1, like)
     assert host.pop("state_layout") == checkpoint._layout(like)   # added by every save
     assert host == {"note": "data=4"}
@@ -397,9 +413,7 @@ def test_checkpoint_saved_under_data4_restores_under_data2_and_data1(tmp_path):
     if data == 4:
       _assert_equal(resumed, uninterrupted)
       continue
-    twin = fsdp(data)
-    _init(twin)
-    same, _ = _run(twin, jax.device_put(saved, twin.state_shardings()), H + 2, 2 * H + 2)
+    same, _ = _run(algo, jax.device_put(saved, algo.state_shardings()), H + 2, 2 * H + 2)
     _assert_equal(resumed, same)
   ckpt.close()
 
@@ -407,9 +421,9 @@ def test_checkpoint_saved_under_data4_restores_under_data2_and_data1(tmp_path):
 # ------------------------------------------------------------------- outer state on the host
 @pytest.mark.parametrize("tau", [0, 1])
 def test_offloaded_outer_state_gives_the_same_numbers(tau):
-  on_device, offloaded = _streaming("fsdp", tau=tau), _streaming("fsdp", tau=tau, offload=True)
-  a, _ = _run(on_device, _init(on_device), 1, 2 * H + 1)
-  b, _ = _run(offloaded, _init(offloaded), 1, 2 * H + 1)
+  a, _ = _run(*_shared("fsdp", tau=tau), 1, 2 * H + 1)
+  offloaded, init = _shared("fsdp", tau=tau, offload=True)
+  b, _ = _run(offloaded, init, 1, 2 * H + 1)
   _assert_equal(a, b)
   host = [b.outer_params, b.outer_opt_state, b.inflight]
   assert {x.sharding.memory_kind for x in jax.tree.leaves(host)} == {"pinned_host"}
