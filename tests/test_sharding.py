@@ -84,7 +84,8 @@ def _shared(kind, **kw):
 
 def _run(algo, state, start, stop):
   metrics = None
-  if getattr(algo, "_last_t", None) != start - 1:   # another run of a shared algorithm: t's order check restarts
+  # Another run of a shared algorithm (`_shared`) starts t over: so does step's order check.
+  if getattr(algo, "_last_t", None) != start - 1:
     algo._last_t = None
   for t in range(start, stop + 1):
     batch = jax.device_put(BATCHES[t - 1], mesh_lib.batch_sharding(algo.mesh))
