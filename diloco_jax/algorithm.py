@@ -250,6 +250,14 @@ class StreamingDiLoCo:
 
     return jax.jit(build, out_shardings=self.layout.home_state())(params, rng)
 
+  def start_at(self, t: int) -> None:
+    """The next `step` call is inner step t (1-based): for another run of this object from a
+    state it did not produce step by step (a restored checkpoint, a notebook's second run).
+    `step` otherwise refuses a t that does not follow the previous call's."""
+    if isinstance(t, bool) or not isinstance(t, numbers.Integral) or t < 1:
+      raise ValueError(f"start_at: t must be an integer >= 1, got {t!r}")
+    self._last_t = int(t) - 1
+
   @property
   def _has_inflight(self) -> bool:
     """Whether means wait between programs: τ ≥ 1, or a one-round delay."""
@@ -604,7 +612,8 @@ class StreamingDiLoCo:
     # The schedule is keyed on t, so t must advance one at a time (checked on the host: the
     # first call may start anywhere, e.g. after a restore at state.step = t − 1).
     if self._last_t is not None and t != self._last_t + 1:
-      raise ValueError(f"step() got t={t} after t={self._last_t}: t must increase by 1 per call")
+      raise ValueError(f"step() got t={t} after t={self._last_t}: t must increase by 1 per call "
+                       "(start_at(t) begins another run)")
     self._last_t = t
     self._bound.wait()
     f = self.fragments

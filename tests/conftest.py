@@ -3,14 +3,20 @@
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# The suite is compile-bound on tiny programs: XLA's backend optimisation passes cost more
-# compile time (~16 %) than they save in run time here; inherited by the subprocesses the tests
-# start. Bit-for-bit tests compare programs compiled alike, so they hold either way. (The CPU
-# backend's classic emitters, --xla_cpu_use_fusion_emitters=false, compile ~40 % faster but
-# break three "P=1, τ=0 is DiLoCo" bit-for-bit tests by a last bit: not used.)
-if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                             + " --xla_backend_optimization_level=0").strip()
+# The suite is compile-bound on tiny programs, so three XLA CPU settings, inherited by the
+# subprocesses the tests start: no backend optimisation passes (they cost more compile time,
+# ~16 %, than they save here); the classic emitters, not the fusion emitters (~40 % less
+# compile time); and no FMA instructions (max ISA AVX). LLVM contracts a·b + c into one fused
+# multiply-add wherever both sit in one fused loop, so with FMA the last bit of an update
+# depends on how XLA fused the program around it: Streaming DiLoCo with P = 1, τ = 0 and plain
+# DiLoCo, the same arithmetic in two graphs, then differ by one ulp at the first outer step
+# under the classic emitters (not with FMA off). Without FMA each multiply and add rounds on
+# its own, whatever the fusion.
+_FLAGS = ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false",
+          "--xla_cpu_max_isa=AVX")
+_SET = os.environ.get("XLA_FLAGS", "")
+os.environ["XLA_FLAGS"] = " ".join([_SET] + [f for f in _FLAGS
+                                             if f.split("=")[0] not in _SET]).strip()
 from diloco_jax import mesh  # noqa: E402  (sets XLA flags before any backend starts)
 
 NUM_DEVICES = 8

@@ -214,10 +214,20 @@ def test_step_requires_consecutive_t_and_reinit_rebuilds_programs():
                                    inner_steps=H, mesh=mesh_lib.make_mesh(M),
                                    fragments=lambda p: fragments.by_blocks(p, layers_per_fragment=1))
   bs = toy.batches(3, M)
-  state = algo.init(toy.init_params())
-  state, _ = algo.step(state, bs[0], 1)
+  state0 = algo.init(toy.init_params())
+  host0 = jax.device_get(state0)   # step donates its input state
+  state, _ = algo.step(state0, bs[0], 1)
+  state0 = jax.device_put(host0, algo.state_shardings())
   with pytest.raises(ValueError, match="t must increase by 1"):
     algo.step(state, bs[1], 3)
+  with pytest.raises(ValueError, match=r"got t=1 after t=1.*start_at\(t\) begins another run"):
+    algo.step(state0, bs[0], 1)
+  algo.start_at(1)   # another run of the same object from its first state: t starts over
+  again, _ = algo.step(state0, bs[0], 1)
+  np.testing.assert_array_equal(np.asarray(again.step), 1)
+  for bad in (0, True, 1.5):
+    with pytest.raises(ValueError, match="start_at: t must be an integer >= 1"):
+      algo.start_at(bad)
   assert algo.fragments.num_fragments == 3
   with pytest.raises(ValueError, match="must be at least the number of fragments"):
     algo.init(toy.init_params(num_blocks=4))   # another structure: P = 5 > H = 3

@@ -24,10 +24,10 @@ LAYOUTS = {"replicated": (1, 1), "fsdp": (4, 1), "fsdp_tp": (2, 2)}   # (mesh.da
 def report():
   env = dict(os.environ)
   # Not conftest's 8-device flag (the bench asks for its own: one per worker, and 8 for the
-  # layouts section). conftest's compile flag (no LLVM optimisation):
-  # this checks the report, not speed, and most of the run is compiling the three methods'
-  # programs.
-  env["XLA_FLAGS"] = "--xla_backend_optimization_level=0"
+  # layouts section); its compile flags stay: this checks the report, not speed, and most of
+  # the run is compiling the three methods' programs.
+  env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
+                              if not f.startswith("--xla_force_host_platform_device_count"))
   env["JAX_PLATFORMS"] = "cpu"
   proc = subprocess.run([sys.executable, "experiments/bench.py", "--quick", "--json"], cwd=ROOT,
                         env=env, capture_output=True, text=True, timeout=600)

@@ -84,9 +84,8 @@ def _shared(kind, **kw):
 
 def _run(algo, state, start, stop):
   metrics = None
-  # Another run of a shared algorithm (`_shared`) starts t over: so does step's order check.
-  if getattr(algo, "_last_t", None) != start - 1:
-    algo._last_t = None
+  if isinstance(algo, algorithm.StreamingDiLoCo):   # DataParallel has no schedule to follow
+    algo.start_at(start)   # a shared algorithm (`_shared`) runs again from another state
   for t in range(start, stop + 1):
     batch = jax.device_put(BATCHES[t - 1], mesh_lib.batch_sharding(algo.mesh))
     state, metrics = algo.step(state, batch, t)

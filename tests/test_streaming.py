@@ -482,7 +482,7 @@ def test_error_feedback_adds_the_residual_to_the_next_send():
       state = state.replace(outer_params=f.merge_into(state.outer_params, 0, g_new),
                             local_params=f.merge_into(state.local_params, 0, local_p),
                             outer_opt_state=(opt_p,), residual=tuple(res_p), rng=rng)
-      algo._last_t = t
+      algo.start_at(t + 1)   # the sync above stood in for step(t)
       x = g[None] - workers + residual
       sent = np.stack([roundtrip(x[m]) for m in range(M)])
       np.testing.assert_allclose(flat(state.residual), x - sent, rtol=0, atol=1e-6)
