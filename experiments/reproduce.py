@@ -421,7 +421,8 @@ def _stats(values):
 
 
 def collect(suite: str, out: str, scale: Scale, seeds: int, steps: int = 0) -> list[dict]:
-  """One dict per cell with the seeds that finished: loss mean/std, bits, curve (seed 0)."""
+  """One dict per cell with the seeds that finished: loss mean/std, bits (the mean over the
+  seeds: with dropped workers they depend on the seed), peak bits (the largest), curve (seed 0)."""
   rows = []
   for cell in cells_for(suite, scale, steps, out):
     n = min(seeds, cell.seeds) if cell.seeds else seeds
@@ -432,7 +433,8 @@ def collect(suite: str, out: str, scale: Scale, seeds: int, steps: int = 0) -> l
     s0 = got[0]["summary"]
     mean, std = _stats([g["summary"]["final_eval_loss"] for g in got])
     rows.append(dict(label=cell.label, keys=cell.keys, run=cell.run, n=len(got), loss=mean,
-                     std=std, bits=s0["bits_sent_per_worker"], peak=s0["peak_bits_per_step"],
+                     std=std, bits=_stats([g["summary"]["bits_sent_per_worker"] for g in got])[0],
+                     peak=max(g["summary"]["peak_bits_per_step"] for g in got),
                      dp_bits=s0["dp_bits_sent_per_worker"], params=s0["num_params"],
                      tokens=s0["num_steps"] * scale.global_batch * scale.seq_len,
                      curve=got[0]["curve"],
@@ -476,7 +478,7 @@ def write_report(suite: str, rows: list[dict], docs: str, seeds: int) -> list[st
           f"workdirs. {r0['params']:,} parameters, T={r0['run'].T} inner steps, "
           f"{r0['tokens']:,} training tokens per run (bytes), seeds per cell: "
           f"{min(r['n'] for r in rows)}"
-          + (" (loss: mean ± sample std)" if seeds > 1 else "") + ".\n\n")
+          + (" (loss: mean ± sample std; bits: mean)" if seeds > 1 else "") + ".\n\n")
 
   def save(fig, name):
     path = os.path.join(docs, f"{suite}_{name}.png")

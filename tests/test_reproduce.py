@@ -137,23 +137,25 @@ def test_smoke_suite_end_to_end_and_resume(tmp_path, text_glob, monkeypatch):
   assert os.path.getmtime(os.path.join(out, first, "summary.json")) == mtime
 
 
-def _fake_finished(root, run, loss, bits=10, dp_bits=100):
+def _fake_finished(root, run, loss, bits=10, dp_bits=100, peak=5):
   """A hand-written finished run: summary.json and one metrics row."""
   wd = root / run.name
   wd.mkdir()
   (wd / "summary.json").write_text(
-      '{"final_eval_loss": %s, "bits_sent_per_worker": %s, "peak_bits_per_step": 5, '
-      '"dp_bits_sent_per_worker": %s, "num_params": 7, "num_steps": 12}' % (loss, bits, dp_bits))
+      '{"final_eval_loss": %s, "bits_sent_per_worker": %s, "peak_bits_per_step": %s, '
+      '"dp_bits_sent_per_worker": %s, "num_params": 7, "num_steps": 12}'
+      % (loss, bits, peak, dp_bits))
   (wd / "metrics.jsonl").write_text('{"step": 12, "eval_loss": %s, "tokens_seen": 9}\n' % loss)
 
 
 def test_seeds_give_mean_and_spread(tmp_path):
   # collect() on hand-written summaries: two seeds of one cell -> mean and sample std.
   cell = rp.suite_cells("evaluated", rp.SMOKE)[0]
-  for seed, loss in ((0, 2.0), (1, 2.2)):
-    _fake_finished(tmp_path, dataclasses.replace(cell.run, seed=seed), loss)
+  for seed, loss, bits, peak in ((0, 2.0, 10, 5), (1, 2.2, 30, 7)):   # bits vary with drops
+    _fake_finished(tmp_path, dataclasses.replace(cell.run, seed=seed), loss, bits, peak=peak)
   rows = rp.collect("evaluated", str(tmp_path), rp.SMOKE, seeds=2)
   assert len(rows) == 1 and rows[0]["n"] == 2
+  assert (rows[0]["bits"], rows[0]["peak"]) == (20.0, 7)   # bits: the seeds' mean; peak: max
   assert rows[0]["loss"] == pytest.approx(2.1)
   assert rows[0]["std"] == pytest.approx(0.1414213, rel=1e-5)
   assert rp._fmt_loss(rows[0]) == "2.1000 ± 0.1414"
