@@ -3,8 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launch/setup_venv.sh
-# Two pytest workers, one file each at a time (module fixtures are built once), the longest
-# files first (tests/conftest.py): the suite is compile-bound and single-threaded in places, so
-# on 2 cores this takes about 3/5 of the serial time. PYTEST_WORKERS=0 runs serially; a later -n
-# in the arguments overrides this one.
-exec .venv/bin/python -m pytest -n "${PYTEST_WORKERS:-2}" --dist loadfile --no-loadscope-reorder "$@"
+# Two pytest workers, one file each at a time (module fixtures are built once): the suite is
+# compile-bound and single-threaded in places, so on 2 cores this takes about 3/4 of the serial
+# time. PYTEST_WORKERS=0 runs serially; a later -n in the arguments overrides this one.
+exec .venv/bin/python -m pytest -n "${PYTEST_WORKERS:-2}" --dist loadfile "$@"

@@ -44,16 +44,3 @@ else:
 jax.config.update("jax_compilation_cache_dir", _CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-
-# Longest files first. With `--dist loadfile --no-loadscope-reorder` (launch/test.sh) each
-# pytest worker takes the next whole file whenever it runs low, in collection order; a long file
-# collected last would leave the other worker idle while it runs (xdist's own reorder puts files
-# with many tests first, which here sends the one-test, 90-second multi-process file last).
-_LONGEST_FIRST = ("test_sharding", "test_multiprocess", "test_train", "test_moe_train",
-                  "test_faults", "test_bench", "test_reproduce", "test_tokenizer",
-                  "test_streaming", "test_needle")
-
-
-def pytest_collection_modifyitems(config, items):
-  rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
-  items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))   # stable: the rest as found
