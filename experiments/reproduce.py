@@ -464,7 +464,8 @@ def _rel(rows, r):
   return f"{100 * (r['loss'] / dp[0]['loss'] - 1):+.2f} %" if dp else "—"
 
 
-def write_report(suite: str, rows: list[dict], docs: str, seeds: int) -> list[str]:
+def write_report(suite: str, rows: list[dict], docs: str, seeds: int,
+                 cells: int | None = None) -> list[str]:
   """Writes docs/<suite>.md and the suite's PNGs; returns the files written."""
   import matplotlib  # noqa: PLC0415  (only the report needs it)
   matplotlib.use("Agg")
@@ -478,7 +479,10 @@ def write_report(suite: str, rows: list[dict], docs: str, seeds: int) -> list[st
           f"workdirs. {r0['params']:,} parameters, T={r0['run'].T} inner steps, "
           f"{r0['tokens']:,} training tokens per run (bytes), seeds per cell: "
           f"{min(r['n'] for r in rows)}"
-          + (" (loss: mean ± sample std; bits: mean)" if seeds > 1 else "") + ".\n\n")
+          + (" (loss: mean ± sample std; bits: mean)" if seeds > 1 else "") + ".\n\n"
+          + (f"**Incomplete: {len(rows)} of the suite's {cells} cells have a finished run**; "
+             "the tables and any best choice below cover those only (the same command "
+             "resumes the rest).\n\n" if cells is not None and len(rows) < cells else ""))
 
   def save(fig, name):
     path = os.path.join(docs, f"{suite}_{name}.png")
@@ -732,7 +736,7 @@ def report(suites, out, docs, seeds, steps=0, log=print, smoke=False) -> list[st
     if not rows:
       log(f"{suite}: no finished runs under {out}, nothing to report")
       continue
-    files += write_report(suite, rows, docs, seeds)
+    files += write_report(suite, rows, docs, seeds, len(cells_for(suite, scale, steps, out)))
   return files
 
 

@@ -159,6 +159,13 @@ def test_seeds_give_mean_and_spread(tmp_path):
   assert rows[0]["loss"] == pytest.approx(2.1)
   assert rows[0]["std"] == pytest.approx(0.1414213, rel=1e-5)
   assert rp._fmt_loss(rows[0]) == "2.1000 ± 0.1414"
+  docs = tmp_path / "docs"
+  docs.mkdir()
+  rp.write_report("evaluated", rows, str(docs), 2, cells=3)   # 1 of 3 cells finished
+  assert "**Incomplete: 1 of the suite's 3 cells have a finished run**" in (
+      docs / "evaluated.md").read_text()
+  rp.write_report("evaluated", rows, str(docs), 2, cells=1)
+  assert "Incomplete" not in (docs / "evaluated.md").read_text()
 
 
 def test_bad_suite_is_one_sentence_and_exit_2():
