@@ -11,7 +11,12 @@ After training, each run is evaluated by the user-facing commands:
   python -m diloco_jax.evals.perplexity --workdir=W --out=W/ppl --seq_len=...
 A run whose summary.json exists is not trained again, an evaluation whose JSON exists is not run
 again, so an interrupted suite resumes. The report (docs/results/needle.md and the PNGs next to
-it) is rebuilt from the workdirs; `--report` only does that.
+it) is rebuilt from the workdirs; `--report` only does that. Finished runs' small files
+(summary, config, metrics, the evaluations' JSON and plots) are also copied to --archive
+(default docs/results/runs/<basename of --out>, committed) and restored from there into an
+empty --out, so the report rebuilds on a fresh clone and a missing run can be added later
+(`diloco_jax/archive.py`; a restored short stage has no checkpoint, so a continuation that
+still has to run trains it again).
 
   python experiments/needle.py --out=runs/needle
   python experiments/needle.py --out=runs/needle --report
@@ -29,6 +34,8 @@ import time
 
 from absl import app, flags
 
+from diloco_jax import archive as archive_lib
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _OUT = flags.DEFINE_string("out", "runs/needle", "root of the run workdirs")
 _DOCS = flags.DEFINE_string("docs", os.path.join(REPO, "docs", "results"),
@@ -44,6 +51,10 @@ _VARIANTS = flags.DEFINE_list("variants", ["single", "multikey"],
                               "needle variants evaluated")
 _TRIALS = flags.DEFINE_integer("trials", 5, "episodes per (length, depth) cell")
 _DEPTHS = flags.DEFINE_integer("depths", 11, "depths from 0 % to 100 %")
+_ARCHIVE = flags.DEFINE_string(
+    "archive", None, "folder of finished runs' small files, committed with the code "
+    "(diloco_jax/archive.py): restored into --out first, each finished run copied there; "
+    "default DOCS/runs/<basename of --out>; '' for none")
 _PPL_LEN = flags.DEFINE_integer("ppl_seq_len", 0, "window of the long-context loss (0: the "
                                 "training window)")
 
@@ -93,15 +104,24 @@ def evaluate(wd: str) -> None:
          *([f"--seq_len={_PPL_LEN.value}"] if _PPL_LEN.value else []))
 
 
-def run_all(out: str, data_glob: str, steps: int, only=()) -> None:
+def run_all(out: str, data_glob: str, steps: int, only=(), archive: str = "") -> None:
+  """Trains and evaluates every run of `only` (all when empty) not finished yet. With `archive`
+  (`diloco_jax.archive`), archived runs count as finished and every finished run is archived;
+  a short stage restored without checkpoints trains again when its continuation still has to
+  run (the continuation starts from its checkpoint)."""
   from diloco_jax import config as config_lib, train  # noqa: PLC0415
   todo = [n for n in RUNS if not only or n in only]
   for n in todo:   # every config error before the first run trains (a continuation's
     if not RUNS[n][2]:   # init_from exists only once its short run is done)
       config_lib.from_config_dict(make_config(n, data_glob, steps, out))
+  if archive:
+    archive_lib.restore(archive, out)
+  for p in archive_lib.parents_to_retrain(out, {n: r[2] for n, r in RUNS.items()}, todo):
+    print(f"{p}: restored without checkpoints, trained again for its continuation", flush=True)
+    shutil.rmtree(os.path.join(out, p))
   for i, n in enumerate(todo):
     wd = os.path.join(out, n)
-    if os.path.exists(os.path.join(wd, "summary.json")):
+    if archive_lib.finished(wd):
       print(f"[{i + 1}/{len(todo)}] {n}: trained, skipped", flush=True)
     else:
       t0 = time.perf_counter()
@@ -110,6 +130,8 @@ def run_all(out: str, data_glob: str, steps: int, only=()) -> None:
             f"{time.perf_counter() - t0:.0f} s", flush=True)
     if n in EVALUATED:
       evaluate(wd)
+    if archive:
+      archive_lib.save(wd, os.path.join(archive, n))
 
 
 # ------------------------------------------------------------------------------------ report
@@ -130,6 +152,15 @@ def _rows(wd: str) -> list[dict]:
     return [json.loads(line) for line in f if line.strip()]
 
 
+def _config(out: str, name: str):
+  """The run's own config (its config.json) when it has run, else what it would run with."""
+  import ml_collections  # noqa: PLC0415
+  saved = _json(os.path.join(out, name, "config.json"))
+  if saved is not None:
+    return ml_collections.ConfigDict(saved)
+  return make_config(name, _DATA.value, _STEPS.value, out)
+
+
 def write_report(out: str, docs: str) -> list[str]:
   stages = {}
   for n in RUNS:
@@ -141,8 +172,7 @@ def write_report(out: str, docs: str) -> list[str]:
   done = {n: stages[n] for n in EVALUATED if n in stages}
   if not done:
     return []
-  short = make_config("streaming_short", _DATA.value, _STEPS.value, out)
-  cfg = make_config("streaming", _DATA.value, _STEPS.value, out)
+  short, cfg = _config(out, "streaming_short"), _config(out, "streaming")
   L, r = cfg.data.seq_len, cfg.data.retrieval
   walls = {n: sum(d["summary"]["wall_time_s"] for m, d in stages.items() if m.startswith(n))
            for n in EVALUATED}
@@ -163,8 +193,10 @@ def write_report(out: str, docs: str) -> list[str]:
       f"bytes weighted {r.answer_weight:g}×, log-uniform episode lengths up to the window, "
       "positions restarting and no attention across episodes), the rest plain text. M=2 "
       f"workers × {short.train.batch_size} / {cfg.train.batch_size} windows per step. "
-      "Streaming DiLoCo: H=30, τ=1, α=0.5, E3M0; data-parallel: the same batches averaged every "
-      "step. Wall times: " + ", ".join(f"{n} {w / 60:.1f} min (both stages, compilation and "
+      f"Streaming DiLoCo: H={cfg.diloco.inner_steps}, τ={cfg.diloco.overlap_steps}, "
+      f"α={cfg.diloco.merge_alpha:g}, {cfg.diloco.codec}, outer lr η="
+      f"{cfg.diloco.outer_lr:g}; data-parallel: the same batches averaged every step. Wall "
+      "times: " + ", ".join(f"{n} {w / 60:.1f} min (both stages, compilation and "
       "in-training evals included)" for n, w in walls.items() if w) + ".", "",
       "Evaluation (SPEC §6.3, Gemini's protocol with RULER's variants): haystacks from the "
       "held-out tail of each english-pd file (never trained on), the needle \"The special magic "
@@ -190,6 +222,11 @@ def write_report(out: str, docs: str) -> list[str]:
       lines.append(f"| {n} | {s['final_eval_loss']:.4f} | {v} | {recall} | "
                    f"{eff if eff is not None else '< ' + str(nd['lengths'][0])} | "
                    f"{ctrl:.2f} |")
+  missing = [n for n in EVALUATED if n not in done]
+  if missing:
+    lines[2:2] = [f"**Incomplete: no finished run of {', '.join(missing)} in this report** "
+                  f"(`python experiments/needle.py --only="
+                  f"{','.join(m for n in missing for m in (n + '_short', n))}` adds it).", ""]
   lines += ["", "Answer cross-entropy during training (`ce_upweighted`: the mean loss of the "
             "weighted answer bytes over the last 5 logged steps of each stage; chance for a "
             "random digit is ln 10 = 2.303 nats):", ""]
@@ -262,6 +299,7 @@ def write_report(out: str, docs: str) -> list[str]:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  archive = archive_lib.folder(_ARCHIVE.value, _DOCS.value, _OUT.value)
   if not _REPORT.value:
     from absl import logging  # noqa: PLC0415
     from diloco_jax import mesh  # noqa: PLC0415
@@ -269,10 +307,12 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
     from diloco_jax.config import ConfigError  # noqa: PLC0415
     try:
-      run_all(_OUT.value, _DATA.value, _STEPS.value, _ONLY.value)
+      run_all(_OUT.value, _DATA.value, _STEPS.value, _ONLY.value, archive)
     except ConfigError as e:
       print(f"config error: {e}", file=sys.stderr)
       return 2
+  elif archive:
+    archive_lib.restore(archive, _OUT.value)
   write_report(_OUT.value, _DOCS.value)
   print(f"wrote {os.path.join(_DOCS.value, 'needle.md')}")
   return 0

@@ -32,7 +32,10 @@ skipped, so an interrupted suite resumes where it stopped and runs shared betwee
 Streaming DiLoCo default appears in four of them) train once. A name encodes the run's
 algorithm settings, not the scale or the data: use one --out per --data, --steps or --smoke.
 After the runs, the report (tables in markdown and PNG plots) goes to --docs; `--report` only
-rebuilds it from the workdirs.
+rebuilds it from the workdirs. Each finished run's small files (summary, config, metrics) are
+also copied to --archive (default docs/results/runs/<basename of --out>, committed with the
+code) and restored from there into an empty --out, so a suite resumes, and a report rebuilds,
+on a fresh clone (`diloco_jax/archive.py`).
 
   python experiments/reproduce.py --suite=main --out=runs/reproduce
   python experiments/reproduce.py --suite=all --out=runs/reproduce --seeds=2
@@ -55,6 +58,8 @@ import time
 
 from absl import app, flags
 
+from diloco_jax import archive as archive_lib
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SUITES = ("main", "overlap", "codecs", "fragments", "evaluated")
 BUDGET_SUITES = ("sweep", "budget")   # at the BUDGET scale; not part of "all"
@@ -76,6 +81,10 @@ _STEPS = flags.DEFINE_integer("steps", 0, "inner steps T of the main suite; 0: t
 _SMOKE = flags.DEFINE_bool("smoke", False,
                            "a seconds-long version (2 blocks, few steps), for tests")
 _REPORT = flags.DEFINE_bool("report", False, "only rebuild tables and plots from --out")
+_ARCHIVE = flags.DEFINE_string(
+    "archive", None, "folder of finished runs' small files, committed with the code "
+    "(diloco_jax/archive.py): restored into --out before the suite, each finished run copied "
+    "there; default DOCS/runs/<basename of --out>; '' for none")
 _ONLY = flags.DEFINE_list("only", [], "run only the runs with these names (timing probes)")
 
 
@@ -365,10 +374,17 @@ def make_config(run: Run, scale: Scale, data_glob: str):
 
 
 def run_suite(suite: str, out: str, scale: Scale, data_glob: str, seeds: int = 1, steps: int = 0,
-              only=(), log=print) -> list[tuple[Run, str]]:
-  """Trains every run of the suite not finished yet; returns (run, "ran" | "skipped")."""
+              only=(), log=print, archive: str = "") -> list[tuple[Run, str]]:
+  """Trains every run of the suite not finished yet; returns (run, "ran" | "skipped").
+
+  With `archive` (a folder committed with the code, `diloco_jax.archive`), the archived runs
+  count as finished (restored into `out` first) and every finished run's small files are
+  copied there, so a suite resumes on a fresh clone.
+  """
   from diloco_jax import config as config_lib, train  # noqa: PLC0415  (after the CLI set devices)
   done = []
+  if archive:
+    archive_lib.restore(archive, out)
   runs = unique_runs(cells_for(suite, scale, steps, out), seeds)
   for r in runs:   # every run's config error before the first run trains
     if not only or r.name in only:
@@ -380,12 +396,16 @@ def run_suite(suite: str, out: str, scale: Scale, data_glob: str, seeds: int = 1
     if os.path.exists(os.path.join(workdir, "summary.json")):
       log(f"[{suite} {i + 1}/{len(runs)}] {r.name}: done, skipped")
       done.append((r, "skipped"))
+      if archive:
+        archive_lib.save(workdir, os.path.join(archive, r.name))
       continue
     t0 = time.perf_counter()
     s = train.run(make_config(r, scale, data_glob), workdir)
     elapsed = time.perf_counter() - t0
     with open(os.path.join(workdir, "reproduce.json"), "w", encoding="utf-8") as f:
       json.dump({"run": dataclasses.asdict(r), "elapsed_s": elapsed}, f, indent=2)
+    if archive:
+      archive_lib.save(workdir, os.path.join(archive, r.name))
     log(f"[{suite} {i + 1}/{len(runs)}] {r.name}: eval loss {s['final_eval_loss']:.4f}, "
         f"{s['bits_sent_per_worker']:.3g} bits/worker, {elapsed:.0f} s")
     done.append((r, "ran"))
@@ -750,6 +770,7 @@ def main(argv):
           f"{suite!r}.", file=sys.stderr)
     return 2
   suites = SUITES if suite == "all" else (suite,)
+  archive = archive_lib.folder(_ARCHIVE.value, _DOCS.value, _OUT.value)
   if not _REPORT.value:   # the report reads JSON files only: no JAX
     from absl import logging  # noqa: PLC0415
     from diloco_jax import mesh  # noqa: PLC0415
@@ -760,7 +781,8 @@ def main(argv):
       t0 = time.perf_counter()
       try:
         run_suite(s, _OUT.value, scale_for(s, _SMOKE.value), _DATA.value, _SEEDS.value,
-                  _STEPS.value, _ONLY.value, log=lambda m: print(m, flush=True))
+                  _STEPS.value, _ONLY.value, log=lambda m: print(m, flush=True),
+                  archive=archive)
       except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
@@ -768,6 +790,8 @@ def main(argv):
         print(f"reproduce: {e}.", file=sys.stderr)
         return 2
       print(f"suite {s}: {time.perf_counter() - t0:.0f} s", flush=True)
+  elif archive:
+    archive_lib.restore(archive, _OUT.value)
   for path in report(suites, _OUT.value, _DOCS.value, _SEEDS.value, _STEPS.value,
                      smoke=_SMOKE.value):
     print(f"wrote {path}")

@@ -136,6 +136,24 @@ def test_smoke_suite_end_to_end_and_resume(tmp_path, text_glob, monkeypatch):
   assert calls == [runs[1].name]
   assert os.path.getmtime(os.path.join(out, first, "summary.json")) == mtime
 
+  # The archive (diloco_jax/archive.py): a finished run is copied there, and a fresh --out (a
+  # new clone) restores it instead of training it again; the stand-in run wrote no
+  # summary.json, so it is neither archived nor skipped.
+  arch, fresh = str(tmp_path / "archive"), str(tmp_path / "fresh")
+  calls.clear()
+  rp.run_suite("fragments", out, rp.SMOKE, text_glob, log=lambda m: None, archive=arch)
+  assert os.listdir(arch) == [first]
+  again = rp.run_suite("fragments", fresh, rp.SMOKE, text_glob, log=lambda m: None,
+                       archive=arch)
+  assert [(r.name, s) for r, s in again] == [(first, "skipped"), (runs[1].name, "ran")]
+  assert calls == [runs[1].name, runs[1].name]
+  proc = subprocess.run(
+      [sys.executable, SCRIPT, "--suite=fragments", "--smoke", "--report",
+       f"--out={tmp_path / 'fresh2'}", f"--archive={arch}", f"--docs={tmp_path / 'docs3'}"],
+      capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr
+  assert "| strided | 1 |" in (tmp_path / "docs3" / "fragments.md").read_text()
+
 
 def _fake_finished(root, run, loss, bits=10, dp_bits=100, peak=5):
   """A hand-written finished run: summary.json and one metrics row."""
