@@ -2,6 +2,7 @@
 continuations whose start is missing."""
 
 import os
+import subprocess
 
 import pytest
 
@@ -77,3 +78,20 @@ def test_folder_flag(tmp_path):
       "docs/results", "runs", "budget")
   assert archive.folder("", "docs/results", "runs/budget") == ""
   assert archive.folder("/x", "docs/results", "runs/budget") == "/x"
+
+
+def test_the_default_archive_is_not_git_ignored():
+  # The archive exists to be committed: a .gitignore rule for runs/ must not reach
+  # docs/results/runs/ (it once did: `runs/` matches at any depth).
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  path = os.path.join(archive.folder(None, os.path.join(repo, "docs", "results"), "runs/budget"),
+                      "run", "summary.json")
+  try:
+    proc = subprocess.run(["git", "-C", repo, "check-ignore", "-q", path], capture_output=True)
+  except FileNotFoundError:
+    pytest.skip("git is not installed")
+  if proc.returncode == 128:
+    pytest.skip("not a git checkout")
+  assert proc.returncode == 1, f"{path} is git-ignored"
+  proc = subprocess.run(["git", "-C", repo, "check-ignore", "-q", os.path.join(repo, "runs", "x")])
+  assert proc.returncode == 0   # the workdirs themselves stay ignored
