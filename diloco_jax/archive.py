@@ -4,8 +4,8 @@ resumes.
 
 A workdir holds checkpoints (large, git-ignored under runs/), but a suite's reports and its
 skip-if-finished logic only read a few small files. A suite that spans several sessions on
-fresh clones (the budget suite is about 12 hours of 2 cores; the budget suite also needs the
-sweep's results) would otherwise train again what an earlier session finished. `save` copies
+fresh clones (the budget suite is about 12 hours of 2 cores and needs the sweep's results)
+would otherwise train again what an earlier session finished. `save` copies
 those files into ``ARCHIVE/<run>/``; `restore` puts them back into ``OUT/<run>/`` for every
 archived run that OUT lacks. A restored run has no checkpoints: it counts as finished, but
 nothing can continue from it (`has_checkpoints`).
