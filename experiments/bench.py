@@ -21,7 +21,7 @@ Run book:
   512, vocab 256, B = 8, L = 128, M = 4; Streaming DiLoCo with P = 3) against PyTorch's step of
   the same model (docs/cpu_speed.md; about 5 minutes with --repeats=3):
     .venv/bin/python experiments/bench.py --peer --layouts=false --attention=false \
-        --torch_python=/tmp/torchvenv/bin/python
+        --torch_python=$TORCH_VENV/bin/python   # any venv with torch and numpy
 
 What it measures (medians over --repeats; the methods' repetitions are interleaved, so a busy
 neighbour on a shared machine slows every method alike and the ratios stay meaningful):
@@ -102,7 +102,7 @@ _PEER = flags.DEFINE_bool("peer", False, "the torchft peer's workload (shared/pe
                           "2 blocks, d_model 128, 4 heads, GELU MLP 512, vocab 256, B = 8, "
                           "L = 128, M = 4 (explicit flags win)")
 _TORCH_PYTHON = flags.DEFINE_string(
-    "torch_python", "", "a Python with torch (e.g. /tmp/torchvenv/bin/python): also time "
+    "torch_python", "", "a Python with torch (e.g. VENV/bin/python): also time "
     "experiments/torch_step.py's PyTorch implementation of the same model and inner step, one "
     "thread, interleaved with ours; '': torch in this Python if importable, else skipped")
 _WORKERS = flags.DEFINE_integer("workers", 4, "M, workers (replicas)")
@@ -655,7 +655,8 @@ def _torch_python(s: Settings) -> tuple[str | None, str]:
   if importlib.util.find_spec("torch") is not None:
     return sys.executable, ""
   return None, ("torch is not importable here; pass --torch_python=<a python with torch>, e.g. "
-                "python3 -m venv /tmp/torchvenv && /tmp/torchvenv/bin/pip install torch numpy")
+                "python3 -m venv VENV && VENV/bin/pip install torch numpy, then "
+                "--torch_python=VENV/bin/python")
 
 
 class _TorchServer:

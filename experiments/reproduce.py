@@ -393,7 +393,7 @@ def run_suite(suite: str, out: str, scale: Scale, data_glob: str, seeds: int = 1
     if only and r.name not in only:
       continue
     workdir = os.path.join(out, r.name)
-    if os.path.exists(os.path.join(workdir, "summary.json")):
+    if archive_lib.finished(workdir):
       log(f"[{suite} {i + 1}/{len(runs)}] {r.name}: done, skipped")
       done.append((r, "skipped"))
       if archive:

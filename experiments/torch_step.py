@@ -17,7 +17,7 @@ Two models:
 
 Run book:
   standalone, one thread (prints ms of CPU per step):
-    /tmp/torchvenv/bin/python experiments/torch_step.py --arch=ours --steps=30
+    $TORCH_VENV/bin/python experiments/torch_step.py --arch=ours --steps=30   # a venv with torch
   as the bench's server: `--serve` reads one JSON command per line on stdin and answers one JSON
   line on stdout: {"cmd": "init", "arch", "params" (an .npz or null), "tokens" (an .npy of
   [n, B, L+1] int32 batches), "model": {...}, "opt": {...}} -> {"losses": [loss of each batch
