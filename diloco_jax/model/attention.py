@@ -9,7 +9,7 @@ from flax import nnx
 from diloco_jax.model import kernels, ring
 from diloco_jax.model.blockwise import blockwise_attention
 from diloco_jax.model.config import ModelConfig
-from diloco_jax.model.layers import (RMSNorm, _no_constraint, _normal, _rope, rope_angles,
+from diloco_jax.model.layers import (RMSNorm, _no_constraint, _normal, _rope, dense, rope_angles,
                                      rope_attention_scale, rope_frequencies)
 
 
@@ -24,13 +24,61 @@ def segment_mask(segment_ids_BxL: jax.Array | None, L: int) -> jax.Array:
 
 
 def dense_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, segment_ids_BxL=None):
-  """The reference: every score [B, H, L, L] in float32, the mask, a softmax; q unscaled."""
+  """The reference: every score [B, H, L, L] in float32, the mask, a softmax; q unscaled.
+
+  The backward is written out (`_dense_bwd`) rather than left to autodiff, which gives the same
+  maths (tests/test_attention.py checks it against a plain autodiff reference) but lets us pick
+  the form of each matmul: a batched dot on XLA:CPU wants [M, K] × [K, N] operands and makes a
+  physical copy of any other, and autodiff's dK = dSᵀ·Q and dV = Pᵀ·dO transpose the two
+  [L, L] matrices. Computed as dKᵀ = Qᵀ·dS and dVᵀ = dOᵀ·P, only [L, K] operands move."""
+  return _dense(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, segment_ids_BxL)
+
+
+def _heads_major(x_BxLxHxK):
+  return x_BxLxHxK.transpose(0, 2, 1, 3)   # [B, H, L, K]: the batched dots' layout
+
+
+def _batched(lhs, rhs, contract):
+  """A dot batched over (B, H), accumulating in float32."""
+  return jax.lax.dot_general(lhs, rhs, (contract, ((0, 1), (0, 1))),
+                             preferred_element_type=jnp.float32)
+
+
+def _dense_fwd(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, segment_ids_BxL):
   L, K = q_BxLxHxK.shape[1], q_BxLxHxK.shape[3]
-  s_BxHxLxL = jnp.einsum("bqhk,bshk->bhqs", q_BxLxHxK, k_BxLxHxK,
-                         preferred_element_type=jnp.float32) * K**-0.5
+  # q scaled by 1/√K before the dot ([L, K] values, fused into the transpose) rather than the
+  # scores after it: XLA:CPU would otherwise broadcast the constant to a [B, H, L, L] array
+  # for the library dot's epilogue.
+  qs_BxLxHxK = q_BxLxHxK * jnp.asarray(K**-0.5, q_BxLxHxK.dtype)
+  q, k, v = map(_heads_major, (qs_BxLxHxK, k_BxLxHxK, v_BxLxHxK))
+  s_BxHxLxL = _batched(q, k, ((3,), (3,)))                                 # Q·Kᵀ/√K
   s_BxHxLxL = jnp.where(segment_mask(segment_ids_BxL, L), s_BxHxLxL, jnp.finfo(jnp.float32).min)
-  p_BxHxLxL = jax.nn.softmax(s_BxHxLxL, axis=-1).astype(v_BxLxHxK.dtype)  # softmax in float32
-  return jnp.einsum("bhqs,bshk->bqhk", p_BxHxLxL, v_BxLxHxK)
+  p_BxHxLxL = jax.nn.softmax(s_BxHxLxL, axis=-1)   # in float32
+  # P·V with P as the [M, K] operand (jnp.einsum may compute (Vᵀ·Pᵀ)ᵀ, copying P transposed).
+  o_BxLxHxK = _heads_major(_batched(p_BxHxLxL.astype(v.dtype), v, ((3,), (2,))))
+  o_BxLxHxK = o_BxLxHxK.astype(v_BxLxHxK.dtype)
+  return o_BxLxHxK, (qs_BxLxHxK, k_BxLxHxK, v_BxLxHxK, p_BxHxLxL, o_BxLxHxK)
+
+
+def _dense_bwd(residuals, do_BxLxHxK):
+  qs_BxLxHxK, k_BxLxHxK, v_BxLxHxK, p_BxHxLxL, o_BxLxHxK = residuals
+  f32, K, batched = jnp.float32, qs_BxLxHxK.shape[3], _batched
+  q, k, v, do = map(_heads_major, (qs_BxLxHxK, k_BxLxHxK, v_BxLxHxK, do_BxLxHxK))
+  dp_BxHxLxL = batched(do, v, ((3,), (3,)))                           # dO·Vᵀ
+  # softmax backward: dS = P ⊙ (dP − rowsum(dO ⊙ O)), masked entries already 0 through P.
+  delta_BxHxLx1 = _heads_major(jnp.sum(do_BxLxHxK.astype(f32) * o_BxLxHxK.astype(f32), -1,
+                                       keepdims=True))
+  ds_BxHxLxL = p_BxHxLxL * (dp_BxHxLxL - delta_BxHxLx1)
+  dq_BxHxLxK = batched(ds_BxHxLxL.astype(k.dtype), k, ((3,), (2,))) * K**-0.5   # dS·K/√K
+  dkT_BxHxKxL = batched(q, ds_BxHxLxL.astype(q.dtype), ((2,), (2,)))  # (Q/√K)ᵀ·dS
+  dvT_BxHxKxL = batched(do, p_BxHxLxL.astype(do.dtype), ((2,), (2,)))  # dOᵀ·P
+  back = lambda x_BxHxKxL, like: x_BxHxKxL.transpose(0, 3, 1, 2).astype(like.dtype)
+  return (_heads_major(dq_BxHxLxK).astype(qs_BxLxHxK.dtype), back(dkT_BxHxKxL, k_BxLxHxK),
+          back(dvT_BxHxKxL, v_BxLxHxK), None)
+
+
+_dense = jax.custom_vjp(lambda q, k, v, segment_ids: _dense_fwd(q, k, v, segment_ids)[0])
+_dense.defvjp(_dense_fwd, _dense_bwd)
 
 
 class Attention(nnx.Module):
@@ -54,9 +102,9 @@ class Attention(nnx.Module):
     document per row) keep every query inside its own document."""
     cfg, dt, L = self.cfg, x_BxLxD.dtype, x_BxLxD.shape[1]
     heads = lambda y: constrain(y, ("batch", "length", "heads", None))
-    q_BxLxHxK = jnp.einsum("bld,dhk->blhk", x_BxLxD, self.wq[...].astype(dt))
-    k_BxLxHxK = jnp.einsum("bld,dhk->blhk", x_BxLxD, self.wk[...].astype(dt))
-    v_BxLxHxK = heads(jnp.einsum("bld,dhk->blhk", x_BxLxD, self.wv[...].astype(dt)))
+    q_BxLxHxK = dense(x_BxLxD, self.wq[...].astype(dt), 1, constrain)
+    k_BxLxHxK = dense(x_BxLxD, self.wk[...].astype(dt), 1, constrain)
+    v_BxLxHxK = heads(dense(x_BxLxD, self.wv[...].astype(dt), 1, constrain))
     q_BxLxHxK, k_BxLxHxK = heads(q_BxLxHxK), heads(k_BxLxHxK)
     if positions_BxL is None:
       positions_BxL = jnp.arange(L)[None, :]
@@ -88,5 +136,5 @@ class Attention(nnx.Module):
       o_BxLxHxK = ring.ring_attention(*qkv, index_BxL, segment_ids_BxL, constrain.mesh)
     else:   # dense, and ring without a mesh (a ring of one device is dense attention)
       o_BxLxHxK = dense_attention(*qkv, segment_ids_BxL)
-    out_BxLxD = jnp.einsum("blhk,hkd->bld", heads(o_BxLxHxK), self.wo[...].astype(dt))
+    out_BxLxD = dense(heads(o_BxLxHxK), self.wo[...].astype(dt), 2, constrain)
     return constrain(out_BxLxD, ("batch", "length", None))

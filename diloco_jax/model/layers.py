@@ -3,16 +3,77 @@ rotary positions and the no-op activation constraint."""
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from diloco_jax import mesh as mesh_lib
+
 
 def _no_constraint(x: jax.Array, names: tuple) -> jax.Array:
   del names
   return x
+
+def dense(x: jax.Array, w: jax.Array, contract: int = 1, constrain=_no_constraint,
+          **dot_kwargs) -> jax.Array:
+  """x [..., *w.shape[:contract]] times w → [..., *w.shape[contract:]].
+
+  Inside a worker that is one device (no data, context or model axis above 1 in the mesh of
+  `constrain`: the simulated workers on CPU), one 2-D matmul over [B·L, D]. Why not an einsum
+  over [B, L, D] there: XLA:CPU canonicalises the weight gradient of a 3-D dot,
+  dW = Σ_{b,l} x ⊗ dy, through a physically transposed copy of dy ([F, B·L], written with a
+  stride of the row length: cache-miss bound, 30-44 ms of a 150 ms step in docs/cpu_speed.md),
+  while for [B·L, D] operands it emits one matmul contracting the rows of both, with no copy
+  (the reshapes are free, row-major bitcasts). A worker sharded over several devices keeps the
+  einsum: with the batch dimension merged, a run split over two processes stopped being bit
+  for bit the run in one (tests/test_multiprocess.py), which the einsum keeps."""
+  if _shards_inside_worker(constrain):
+    letters = "abcdefgh"
+    lead, ins, outs = (letters[:x.ndim - contract], letters[x.ndim - contract:x.ndim],
+                       letters[x.ndim:x.ndim + w.ndim - contract])
+    return jnp.einsum(f"{lead}{ins},{ins}{outs}->{lead}{outs}", x, w, **dot_kwargs)
+  lead, n_in = x.shape[:x.ndim - contract], math.prod(w.shape[:contract])
+  y = _matmul(x.reshape(-1, n_in), w.reshape(n_in, -1), dot_kwargs.get("preferred_element_type"))
+  return y.reshape(*lead, *w.shape[contract:])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _matmul(x_NxI, w_IxO, preferred_element_type=None):
+  return jnp.dot(x_NxI, w_IxO, preferred_element_type=preferred_element_type)
+
+
+def _matmul_fwd(x_NxI, w_IxO, preferred_element_type):
+  return _matmul(x_NxI, w_IxO, preferred_element_type), (x_NxI, w_IxO)
+
+
+def _matmul_bwd(preferred_element_type, residuals, dy_NxO):
+  """dX = dY·Wᵀ and dW = Xᵀ·dY, with the transposed copy of the narrower of X and dY. Under the
+  algorithm's vmap over workers these dots are batched, and XLA:CPU runs a batched dot only in
+  the [M, K] × [K, N] form, copying whatever operand is not: left to itself it transposes dY
+  ([N, 512] for an MLP's up projection); this transposes X ([N, 128]), or for the down
+  projection dY, computing dWᵀ and transposing that (weight-sized, not N-sized)."""
+  del preferred_element_type
+  x_NxI, w_IxO = residuals
+  dy = dy_NxO.astype(x_NxI.dtype)
+  dx_NxI = jnp.dot(dy, w_IxO.T.astype(dy.dtype))
+  if x_NxI.shape[1] <= dy.shape[1]:
+    dw_IxO = jnp.dot(x_NxI.T, dy, preferred_element_type=jnp.float32)
+  else:
+    dw_IxO = jnp.dot(dy.T, x_NxI, preferred_element_type=jnp.float32).T
+  return dx_NxI.astype(x_NxI.dtype), dw_IxO.astype(w_IxO.dtype)
+
+
+_matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+def _shards_inside_worker(constrain) -> bool:
+  mesh = getattr(constrain, "mesh", None)
+  return mesh is not None and any(size > 1 for name, size in mesh.shape.items()
+                                  if name != mesh_lib.WORKER)
+
 
 def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], std: float) -> nnx.Param:
   """A float32 normal init. Hidden matrices use std 1/sqrt(fan_in) so activations keep unit scale."""
@@ -74,7 +135,13 @@ def _rope(x_BxLxHxK: jax.Array, angles: jax.Array | float) -> jax.Array:
   L, K = x_BxLxHxK.shape[1], x_BxLxHxK.shape[3]
   if isinstance(angles, (int, float)):
     angles = rope_angles(jnp.arange(L)[None, :], rope_frequencies(K, angles))
+  # out = [x1·cos − x2·sin, x2·cos + x1·sin] written as x·[cos, cos] + swap(x)·[−sin, sin],
+  # the halves swapped by reversing an axis of size 2: the same values bit for bit, without the
+  # concatenate of the activations, which XLA:CPU's loop emitter evaluates element by element
+  # with a branch (~10 % of a small model's step); only the [B, L, K] angle tables are joined.
   sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
-  x1, x2 = jnp.split(x_BxLxHxK.astype(jnp.float32), 2, axis=-1)
-  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-  return out.astype(x_BxLxHxK.dtype)
+  cos_BxLx1xK = jnp.concatenate([cos, cos], axis=-1)
+  sin_BxLx1xK = jnp.concatenate([-sin, sin], axis=-1)
+  x = x_BxLxHxK.astype(jnp.float32)
+  swapped = jnp.flip(x.reshape(*x.shape[:-1], 2, K // 2), axis=-2).reshape(x.shape)
+  return (x * cos_BxLx1xK + swapped * sin_BxLx1xK).astype(x_BxLxHxK.dtype)

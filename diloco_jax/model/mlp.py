@@ -6,7 +6,7 @@ import jax
 from flax import nnx
 
 from diloco_jax.model.config import ModelConfig
-from diloco_jax.model.layers import _no_constraint, _normal
+from diloco_jax.model.layers import _no_constraint, _normal, dense
 
 
 class Mlp(nnx.Module):
@@ -23,9 +23,10 @@ class Mlp(nnx.Module):
   def __call__(self, x_BxLxD: jax.Array, constrain=_no_constraint) -> jax.Array:
     dt = x_BxLxD.dtype
     mlp = lambda y: constrain(y, ("batch", "length", "mlp"))
-    h_BxLxF = mlp(x_BxLxD @ self.w_up[...].astype(dt))
+    matmul = lambda x, w: dense(x, w[...].astype(dt), 1, constrain)
+    h_BxLxF = mlp(matmul(x_BxLxD, self.w_up))
     if self.gated:
-      h_BxLxF = jax.nn.silu(mlp(x_BxLxD @ self.w_gate[...].astype(dt))) * h_BxLxF
+      h_BxLxF = jax.nn.silu(mlp(matmul(x_BxLxD, self.w_gate))) * h_BxLxF
     else:
       h_BxLxF = jax.nn.gelu(h_BxLxF)
-    return constrain(h_BxLxF @ self.w_down[...].astype(dt), ("batch", "length", None))
+    return constrain(matmul(h_BxLxF, self.w_down), ("batch", "length", None))

@@ -13,7 +13,7 @@ from diloco_jax import mesh as mesh_lib
 from diloco_jax.model import ring
 from diloco_jax.model.attention import Attention
 from diloco_jax.model.config import _DTYPES, ModelConfig
-from diloco_jax.model.layers import RMSNorm, _no_constraint, _normal
+from diloco_jax.model.layers import RMSNorm, _no_constraint, _normal, dense
 from diloco_jax.model.mlp import Mlp
 from diloco_jax.model.moe import MoE
 
@@ -116,8 +116,8 @@ class Transformer(nnx.Module):
     x_BxLxD = self.final_norm(x_BxLxD)
     w_DxV = self.embed[...].T if self.cfg.tied_embeddings else self.unembed[...]
     # Accumulate in float32: the softmax over 32k classes and the z-loss need full precision.
-    logits = jnp.einsum("bld,dv->blv", x_BxLxD, w_DxV.astype(dt),
-                        preferred_element_type=jnp.float32)
+    logits = dense(x_BxLxD, w_DxV.astype(dt), 1, constrain,
+                   preferred_element_type=jnp.float32)
     return constrain(logits, ("batch", "length", "vocab")), ({"moe": moe_aux} if moe_aux else {})
 
 
