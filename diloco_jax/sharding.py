@@ -152,6 +152,11 @@ class ActivationSharding:
     self.mesh, self.rules = mesh, rules
 
   def __call__(self, x: jax.Array, names: tuple) -> jax.Array:
+    if mesh_lib.devices_per_worker(self.mesh) == 1:
+      # Nothing to place inside a one-device worker; and there the algorithm runs the model
+      # inside a shard_map over the workers (`algorithm.over_workers`), where a constraint on
+      # the whole mesh is not allowed.
+      return x
     out, used = [], set()
     for size, name in zip(x.shape, names):
       axes = self.rules.get(name) if name is not None else None

@@ -79,8 +79,8 @@ def _reference_diloco(params, batches, M, H, inner_opt, outer_opt):
 
 @pytest.mark.parametrize("M,devices", [(4, 4), (4, 2), (3, 1)])
 def test_vmapped_workers_equal_python_loop(M, devices):
-  """The vmapped, WORKER-sharded program equals a loop over workers (also with more workers
-  than devices on the worker axis)."""
+  """The WORKER-sharded program (`algorithm.over_workers`: one device's workers unbatched, one
+  after another when a device holds several) equals a Python loop over workers."""
   params, H = toy.init_params(), 3
   inner_opt = inner.inner_optimizer(1e-2, 9, warmup_steps=2)
   outer_opt = outer.outer_optimizer("nesterov", 0.7, 0.9)

@@ -216,7 +216,10 @@ def _plain_diloco(params, batches, M, H, inner_opt, outer_opt, mesh):
   @jax.jit
   def inner_all(local, opt_state, batch):
     f = lambda p, s, b: inner.worker_step(toy.loss_fn, inner_opt, p, s, b)[:2]
-    local, opt_state = jax.vmap(f, spmd_axis_name=mesh_lib.WORKER)(local, opt_state, batch)
+    # The algorithm's own lift over the workers (against a loop: test_algorithm.py):
+    # one device per worker runs each worker's step unbatched, which vmap's batched dots do
+    # not reproduce bit for bit.
+    local, opt_state = algorithm.over_workers(f, mesh, M)(local, opt_state, batch)
     return jax.tree.map(wsh, local), jax.tree.map(wsh, opt_state)
 
   fp32 = quantize.get_codec("fp32")
