@@ -1038,12 +1038,11 @@ class DataParallel:
 
   @functools.cached_property
   def _step(self):
-    grads_per_worker = jax.vmap(
-        lambda p, b: jax.value_and_grad(self.loss_fn, has_aux=True)(p, b),
-        spmd_axis_name=mesh_lib.WORKER)
+    grads_per_worker = over_workers(
+        lambda p, b: jax.value_and_grad(self.loss_fn, has_aux=True)(p, b), self.mesh, self.M)
 
     def step(state: DPState, batch_MxB):
-      # The params enter the vmap broadcast to [M, ...] (split over the worker axis, so each
+      # The params enter the lift broadcast to [M, ...] (split over the worker axis, so each
       # worker's devices hold one copy, as replicated params would): some batching rules need
       # every operand batched (jax.lax.ragged_dot, the dropless MoE's grouped matmul).
       params_M = jax.tree.map(lambda x: jnp.broadcast_to(x, (self.M,) + x.shape), state.params)
