@@ -71,8 +71,7 @@ _matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 def _shards_inside_worker(constrain) -> bool:
   mesh = getattr(constrain, "mesh", None)
-  return mesh is not None and any(size > 1 for name, size in mesh.shape.items()
-                                  if name != mesh_lib.WORKER)
+  return mesh is not None and mesh_lib.devices_per_worker(mesh) > 1
 
 
 def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], std: float) -> nnx.Param:
