@@ -272,10 +272,7 @@ class StreamingDiLoCo:
   # step: the host dispatches it and goes on dispatching inner steps (DESIGN "Sync and overlap").
   @functools.cached_property
   def _inner_step(self):
-    def one_worker(params, opt_state, batch):
-      return inner.worker_step(self.loss_fn, self.inner_opt, params, opt_state, batch)
-
-    all_workers = over_workers(one_worker, self.mesh, self.M)
+    all_workers = worker_steps(self.loss_fn, self.inner_opt, self.mesh, self.M)
     lay = self.layout
 
     # Every program pins its outputs' shardings (out_shardings: the state's layout), so the
@@ -970,6 +967,28 @@ def over_workers(one_worker: Callable, mesh: Mesh, M: int) -> Callable:
 
   return jax.shard_map(body, mesh=mesh, in_specs=P(mesh_lib.WORKER),
                        out_specs=P(mesh_lib.WORKER))
+
+
+def worker_steps(loss_fn: LossFn, opt, mesh: Mesh, M: int) -> Callable:
+  """`inner.worker_step` for all M workers: (local, opt_state, batch) [M, ...] → (local,
+  opt_state, loss [M], aux [M, ...]).
+
+  The gradients inside the lift (`over_workers`: on CPU a shard_map whose body is one worker's
+  unbatched forward and backward), the optimizer outside it, over the [M, ...] arrays, as
+  data-parallel's is over its one model. With AdamW inside the shard_map the compiled step
+  copied every donated parameter and moment buffer (110 copy ops against data-parallel's 44;
+  docs/cpu_speed.md). Same maths as `worker_step`, not always the same bits (XLA fuses the
+  update differently), so the bit-exact references lift their steps with this too."""
+  grads = over_workers(lambda p, b: jax.value_and_grad(loss_fn, has_aux=True)(p, b), mesh, M)
+  update = jax.vmap(lambda g, s, p: inner.apply_update(opt, g, s, p),
+                    spmd_axis_name=mesh_lib.WORKER)
+
+  def steps(local, opt_state, batch_MxB):
+    (loss_M, aux_M), grads_M = grads(local, batch_MxB)
+    local, opt_state = update(grads_M, opt_state, local)
+    return local, opt_state, loss_M, aux_M
+
+  return steps
 
 
 def DiLoCo(loss_fn: LossFn, inner_opt, outer_opt, *, num_workers: int, inner_steps: int,

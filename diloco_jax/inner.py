@@ -2,7 +2,8 @@
 
 Every worker m runs `θ_m ← InnerOpt(θ_m, ∇ loss(θ_m, batch_m(t)))` independently; the inner
 optimizer state is never communicated (SPEC §1). The step is written for ONE worker; the
-algorithm lifts it over the worker axis with `jax.vmap`.
+algorithm lifts its two halves over the worker axis (`algorithm.over_workers` for the gradient,
+`jax.vmap` for `apply_update`).
 """
 
 from __future__ import annotations
@@ -55,8 +56,15 @@ def worker_step(loss_fn: LossFn, opt: optax.GradientTransformation, params: PyTr
   function's own dict (its loss terms and statistics, e.g. the MoE's router metrics), carried
   out to the metrics."""
   (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch)
+  params, opt_state = apply_update(opt, grads, opt_state, params)
+  return params, opt_state, loss, aux
+
+
+def apply_update(opt: optax.GradientTransformation, grads: PyTree, opt_state: PyTree,
+                 params: PyTree):
+  """The optimizer's half of `worker_step`: (params, opt_state) after one update by `grads`."""
   updates, opt_state = opt.update(grads, opt_state, params)
-  return optax.apply_updates(params, updates), opt_state, loss, aux
+  return optax.apply_updates(params, updates), opt_state
 
 
 def global_norm(tree: PyTree) -> jax.Array:

@@ -215,11 +215,11 @@ def _plain_diloco(params, batches, M, H, inner_opt, outer_opt, mesh):
 
   @jax.jit
   def inner_all(local, opt_state, batch):
-    f = lambda p, s, b: inner.worker_step(toy.loss_fn, inner_opt, p, s, b)[:2]
     # The algorithm's own lift over the workers (against a loop: test_algorithm.py):
-    # one device per worker runs each worker's step unbatched, which vmap's batched dots do
-    # not reproduce bit for bit.
-    local, opt_state = algorithm.over_workers(f, mesh, M)(local, opt_state, batch)
+    # one device per worker runs each worker's gradient unbatched, which vmap's batched dots
+    # do not reproduce bit for bit.
+    local, opt_state = algorithm.worker_steps(toy.loss_fn, inner_opt, mesh, M)(
+        local, opt_state, batch)[:2]
     return jax.tree.map(wsh, local), jax.tree.map(wsh, opt_state)
 
   fp32 = quantize.get_codec("fp32")
