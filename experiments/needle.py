@@ -313,7 +313,10 @@ def main(argv):
       return 2
   elif archive:
     archive_lib.restore(archive, _OUT.value)
-  write_report(_OUT.value, _DOCS.value)
+  if not write_report(_OUT.value, _DOCS.value):
+    print(f"needle: no finished run of {', '.join(EVALUATED)} under {_OUT.value} (nor in the "
+          f"archive): no report written.", file=sys.stderr)
+    return 1
   print(f"wrote {os.path.join(_DOCS.value, 'needle.md')}")
   return 0
 

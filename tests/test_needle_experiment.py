@@ -41,3 +41,15 @@ def test_report_from_the_archive_names_the_missing_runs(tmp_path):
   for png in ("needle_streaming_single.png", "needle_streaming_multikey.png",
               "needle_streaming_loss.png"):
     assert (docs / png).stat().st_size > 1000 and f"]({png})" in report
+
+
+def test_report_with_no_evaluated_run_says_so_and_writes_nothing(tmp_path):
+  # Only the short stage: nothing evaluated, so no report (and no claim of one).
+  arch = tmp_path / "archive"
+  shutil.copytree(os.path.join(ARCHIVED, "streaming_short"), arch / "streaming_short")
+  out, docs = tmp_path / "out", tmp_path / "docs"
+  proc = subprocess.run([sys.executable, SCRIPT, "--report", f"--out={out}", f"--docs={docs}",
+                         f"--archive={arch}"], capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 1, proc.stderr
+  assert "no report written" in proc.stderr and "wrote" not in proc.stdout
+  assert not (docs / "needle.md").exists()
