@@ -231,8 +231,12 @@ def test_budget_takes_each_methods_best_sweep_lr_and_reports_the_targets(tmp_pat
                     log=lambda m: None)
   text = open(tmp_path / "docs" / "budget.md", encoding="utf-8").read()
   # Means over three seeds (+0, +0.01, +0.02): SD 2.04 and 2.07 against DP 2.01.
-  assert "H=30, M=2, within +2 % of data-parallel: met (+1.49 %)" in text
-  assert "H=100, M=2, within +2 % of data-parallel: **not met** (+2.99 %)" in text
+  # Paired by seed: s0 2.03/2.00, s1 2.04/2.01, s2 2.05/2.02 → +1.500, +1.493, +1.485 %.
+  assert ("H=30, M=2, within +2 % of data-parallel: met (+1.49 % of the means; paired by seed "
+          "+1.49 % ± 0.01 (3 seeds))") in text
+  assert ("H=100, M=2, within +2 % of data-parallel: **not met** (+2.99 % of the means; "
+          "paired by seed +2.99 % ± 0.01 (3 seeds))") in text
+  assert "| +1.49 % ± 0.01 (3 seeds) |" in text   # the table's column; "—" for DP itself
   assert "≥ 400× fewer bits than data-parallel: met (500×)" in text
   assert "2.0100 ± 0.0100" in text   # three seeds at M=2
   assert "**2.0000**" in open(tmp_path / "docs" / "sweep.md", encoding="utf-8").read()
@@ -252,3 +256,13 @@ def test_faults_suite_drops_outer_gradients_beside_clean_runs(text_glob):
     c = config_lib.from_config_dict(rp.make_config(r, rp.FULL, text_glob))
     assert c.diloco.drop_prob == r.drop and c.diloco.num_workers == 4
     assert ("_drop" in r.name) == bool(r.drop)
+
+
+def test_paired_gap_uses_the_seeds_both_cells_finished():
+  row = lambda method, seed_loss: dict(keys=dict(method=method, M=2), seed_loss=seed_loss)
+  dp = row("DP", {0: 2.0, 1: 2.5, 2: 4.0})
+  rows = [dp, row("SD", {0: 2.2, 1: 2.5}), row("SD", {2: 4.4}), row("SD", {3: 1.0})]
+  assert rp._paired(rows, rows[1]) == "+5.00 % ± 7.07 (2 seeds)"   # +10 % and 0 %
+  assert rp._paired(rows, rows[2]) == "+10.00 %"                    # one common seed
+  assert rp._paired(rows, rows[3]) == "—"                           # none in common
+  assert rp._paired(rows, dp) == "—"
