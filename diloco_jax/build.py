@@ -81,7 +81,12 @@ def make_algorithm(rc: RunConfig, mesh, params):
   if rc.algorithm == "dp":
     return algorithm.DataParallel(loss_fn, inner_opt, num_workers=d.num_workers, mesh=mesh,
                                   param_specs=specs)
-  outer_opt = outer.outer_optimizer(d.outer_optimizer, d.outer_lr, d.outer_momentum)
+  # A cosine outer η decays over a fragment's T / H outer steps, to the inner schedule's end
+  # fraction (a fragment synced more often, the MoE routers', holds the end value earlier).
+  outer_opt = outer.outer_optimizer(d.outer_optimizer, d.outer_lr, d.outer_momentum,
+                                    schedule=d.outer_lr_schedule,
+                                    num_outer_steps=t.num_steps // d.inner_steps,
+                                    final_fraction=t.final_lr_fraction)
   common = dict(num_workers=d.num_workers, inner_steps=d.inner_steps, mesh=mesh,
                 codec=d.quantizer, wire=d.wire, error_feedback=d.error_feedback,
                 param_specs=specs, offload_outer=d.offload_outer,

@@ -182,6 +182,7 @@ class DilocoConfig:
   outer_optimizer: str = "nesterov"
   outer_lr: float                  # η
   outer_momentum: float            # μ
+  outer_lr_schedule: str = "constant"   # or "cosine": η decayed over the T / H outer steps
   offload_outer: bool = False      # θ_g, outer opt state, in-flight Δ in host memory (checked;
                                    # not passed to the algorithm yet)
   layers_per_fragment: int = 3     # streaming: blocks per fragment (P = L / this + 1)
@@ -211,6 +212,7 @@ class DilocoConfig:
     _integer("diloco.inner_steps", self.inner_steps, 1)
     _choice("diloco.outer_optimizer", self.outer_optimizer, outer.OUTER_OPTIMIZERS)
     _set(self, "outer_lr", _real("diloco.outer_lr", self.outer_lr, *_POSITIVE))
+    _choice("diloco.outer_lr_schedule", self.outer_lr_schedule, outer.OUTER_LR_SCHEDULES)
     _set(self, "outer_momentum", _real("diloco.outer_momentum", self.outer_momentum,
                                        *_UNIT_OPEN))
     _bool("diloco.offload_outer", self.offload_outer)

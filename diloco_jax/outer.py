@@ -16,11 +16,23 @@ import optax
 PyTree = Any
 
 OUTER_OPTIMIZERS = ("nesterov", "sgd", "adam")
+OUTER_LR_SCHEDULES = ("constant", "cosine")
 
 
 def outer_optimizer(name: str = "nesterov", learning_rate: float = 0.7,
-                    momentum: float = 0.9) -> optax.GradientTransformation:
-  """DiLoCo used η=0.7, μ=0.9; Streaming DiLoCo η=0.4. `sgd` with momentum 0 and lr 1 is FedAvg."""
+                    momentum: float = 0.9, schedule: str = "constant", num_outer_steps: int = 1,
+                    final_fraction: float = 0.05) -> optax.GradientTransformation:
+  """DiLoCo used η=0.7, μ=0.9; Streaming DiLoCo η=0.4. `sgd` with momentum 0 and lr 1 is FedAvg.
+
+  `schedule`: "constant" η (the papers'), or "cosine": η decayed to `final_fraction`·η over
+  `num_outer_steps` outer steps, then held there (the inner schedule's shape, on the outer
+  step count; each fragment's optimizer state counts its own steps)."""
+  if schedule not in OUTER_LR_SCHEDULES:
+    raise ValueError(f"diloco.outer_lr_schedule must be one of {OUTER_LR_SCHEDULES}, got "
+                     f"{schedule!r}")
+  if schedule == "cosine":
+    learning_rate = optax.cosine_decay_schedule(learning_rate, max(int(num_outer_steps), 1),
+                                                alpha=final_fraction)
   if name == "nesterov":
     return optax.sgd(learning_rate, momentum=momentum or None, nesterov=bool(momentum))
   if name == "sgd":

@@ -240,3 +240,49 @@ def test_step_requires_consecutive_t_and_reinit_rebuilds_programs():
     state, _ = algo4.step(state, b, t)   # fragment 0 syncs at t=6 with the new programs
   w = toy.init_params(num_blocks=4)["blocks"][0]["w"]
   assert not np.array_equal(np.asarray(state.outer_params["blocks"][0]["w"]), w)
+
+
+def test_cosine_outer_lr_decays_over_the_outer_steps_then_holds():
+  # Plain SGD on Δ = 1: each update is −η_k, η_k = η·(0.05 + 0.95·½(1 + cos(πk/4))), k ≤ 4.
+  opt = outer.outer_optimizer("sgd", 0.8, 0.0, schedule="cosine", num_outer_steps=4,
+                              final_fraction=0.05)
+  g = jnp.zeros(())
+  state = opt.init(g)
+  got = []
+  for _ in range(6):
+    upd, state = opt.update(jnp.ones(()), state, g)
+    got.append(-float(upd))
+  c = np.cos(np.pi / 4)
+  want = [0.8, 0.8 * (0.05 + 0.475 * (1 + c)), 0.8 * 0.525, 0.8 * (0.05 + 0.475 * (1 - c)),
+          0.8 * 0.05, 0.8 * 0.05]
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  const = outer.outer_optimizer("sgd", 0.8, 0.0)   # the default: the papers' constant η
+  upd, _ = const.update(jnp.ones(()), const.init(g), g)
+  assert float(upd) == pytest.approx(-0.8)
+  with pytest.raises(ValueError, match=r"diloco.outer_lr_schedule must be one of"):
+    outer.outer_optimizer("sgd", 0.8, 0.0, schedule="linear")
+
+
+def test_build_decays_the_outer_lr_over_T_over_H_outer_steps():
+  import importlib.util  # noqa: PLC0415
+  import os  # noqa: PLC0415
+
+  from diloco_jax import build, config as config_lib  # noqa: PLC0415
+  path = os.path.join(os.path.dirname(__file__), "..", "experiments", "configs", "diloco.py")
+  spec = importlib.util.spec_from_file_location("diloco_family", path)
+  fam = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(fam)
+  c = fam.get_config("tiny")
+  c.diloco.outer_lr_schedule, c.diloco.outer_optimizer = "cosine", "sgd"
+  c.diloco.outer_momentum, c.diloco.num_workers = 0.0, 2
+  c.train.num_steps, c.diloco.inner_steps = 120, 30     # 4 outer steps
+  rc = config_lib.from_config_dict(c)
+  mesh = build.make_mesh(rc)
+  params = build.init_params(rc, mesh, jax.random.PRNGKey(0))
+  algo = build.make_algorithm(rc, mesh, params)
+  g = jnp.zeros(())
+  state = algo.outer_opt.init(g)
+  for _ in range(4):
+    upd, state = algo.outer_opt.update(jnp.ones(()), state, g)
+  want = c.diloco.outer_lr * (0.05 + 0.475 * (1 - np.cos(np.pi / 4)))   # k = 3 of 4
+  assert -float(upd) == pytest.approx(want, rel=1e-6)

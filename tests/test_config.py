@@ -111,7 +111,8 @@ def test_an_unknown_key_is_named_with_the_allowed_keys():
   with pytest.raises(ConfigError, match=re.escape(
       "unknown key diloco.foo; allowed: codec, codec_block_size, delayed, drop_prob, eager, "
       "error_feedback, fragment_pattern, inner_steps, layers_per_fragment, merge_alpha, "
-      "num_workers, offload_outer, outages, outer_lr, outer_momentum, outer_optimizer, "
+      "num_workers, offload_outer, outages, outer_lr, outer_lr_schedule, outer_momentum, "
+      "outer_optimizer, "
       "overlap_steps, quarantine, rejoin_reset_inner_opt, router_sync_every, "
       "stochastic_rounding, wire, worker_overlap_steps") + "$"):
     _build(**{"diloco.foo": 1})
@@ -185,6 +186,8 @@ BAD = [
     ("diloco", {"diloco.outer_lr": 0.0}, "diloco.outer_lr must be > 0, got 0.0"),
     ("diloco", {"diloco.outer_optimizer": "lion"},
      "diloco.outer_optimizer must be one of ('nesterov', 'sgd', 'adam'), got 'lion'"),
+    ("diloco", {"diloco.outer_lr_schedule": "linear"},
+     "diloco.outer_lr_schedule must be one of ('constant', 'cosine'), got 'linear'"),
     ("diloco", {"diloco.offload_outer": "yes"},
      "diloco.offload_outer must be a bool (True or False), got 'yes'"),
     ("diloco", {"algorithm": "dp", "diloco.offload_outer": True},

@@ -70,6 +70,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.diloco.outer_optimizer = "nesterov"  # "nesterov", "sgd" (momentum 0, lr 1: FedAvg), "adam"
   c.diloco.outer_lr = 0.7          # η (DiLoCo 0.7; Streaming DiLoCo 0.4)
   c.diloco.outer_momentum = 0.9    # μ
+  c.diloco.outer_lr_schedule = "constant"  # or "cosine": η decayed like the inner lr, over the
+                                   # T / H outer steps (docs/results/README.md, budget section)
   c.diloco.router_sync_every = 0   # MoE: routers as their own fragment synced every k steps
                                    # (k dividing H); 0: with their block's fragment
   c.diloco.offload_outer = False   # keep every fragment's θ_g, outer optimizer state and
