@@ -969,6 +969,12 @@ def over_workers(one_worker: Callable, mesh: Mesh, M: int) -> Callable:
                        out_specs=P(mesh_lib.WORKER))
 
 
+def worker_grads(loss_fn: LossFn, mesh: Mesh, M: int) -> Callable:
+  """Each worker's ((loss, aux), gradient) on its own batch, lifted by `over_workers`:
+  (params, batch) [M, ...] → ((loss [M], aux [M, ...]), grads [M, ...])."""
+  return over_workers(lambda p, b: jax.value_and_grad(loss_fn, has_aux=True)(p, b), mesh, M)
+
+
 def worker_steps(loss_fn: LossFn, opt, mesh: Mesh, M: int) -> Callable:
   """`inner.worker_step` for all M workers: (local, opt_state, batch) [M, ...] → (local,
   opt_state, loss [M], aux [M, ...]).
@@ -979,7 +985,7 @@ def worker_steps(loss_fn: LossFn, opt, mesh: Mesh, M: int) -> Callable:
   copied every donated parameter and moment buffer (110 copy ops against data-parallel's 44;
   docs/cpu_speed.md). Same maths as `worker_step`, not always the same bits (XLA fuses the
   update differently), so the bit-exact references lift their steps with this too."""
-  grads = over_workers(lambda p, b: jax.value_and_grad(loss_fn, has_aux=True)(p, b), mesh, M)
+  grads = worker_grads(loss_fn, mesh, M)
   update = jax.vmap(lambda g, s, p: inner.apply_update(opt, g, s, p),
                     spmd_axis_name=mesh_lib.WORKER)
 
@@ -1057,8 +1063,7 @@ class DataParallel:
 
   @functools.cached_property
   def _step(self):
-    grads_per_worker = over_workers(
-        lambda p, b: jax.value_and_grad(self.loss_fn, has_aux=True)(p, b), self.mesh, self.M)
+    grads_per_worker = worker_grads(self.loss_fn, self.mesh, self.M)
 
     def step(state: DPState, batch_MxB):
       # The params enter the lift broadcast to [M, ...] (split over the worker axis, so each

@@ -262,27 +262,3 @@ def test_cosine_outer_lr_decays_over_the_outer_steps_then_holds():
   with pytest.raises(ValueError, match=r"diloco.outer_lr_schedule must be one of"):
     outer.outer_optimizer("sgd", 0.8, 0.0, schedule="linear")
 
-
-def test_build_decays_the_outer_lr_over_T_over_H_outer_steps():
-  import importlib.util  # noqa: PLC0415
-  import os  # noqa: PLC0415
-
-  from diloco_jax import build, config as config_lib  # noqa: PLC0415
-  path = os.path.join(os.path.dirname(__file__), "..", "experiments", "configs", "diloco.py")
-  spec = importlib.util.spec_from_file_location("diloco_family", path)
-  fam = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(fam)
-  c = fam.get_config("tiny")
-  c.diloco.outer_lr_schedule, c.diloco.outer_optimizer = "cosine", "sgd"
-  c.diloco.outer_momentum, c.diloco.num_workers = 0.0, 2
-  c.train.num_steps, c.diloco.inner_steps = 120, 30     # 4 outer steps
-  rc = config_lib.from_config_dict(c)
-  mesh = build.make_mesh(rc)
-  params = build.init_params(rc, mesh, jax.random.PRNGKey(0))
-  algo = build.make_algorithm(rc, mesh, params)
-  g = jnp.zeros(())
-  state = algo.outer_opt.init(g)
-  for _ in range(4):
-    upd, state = algo.outer_opt.update(jnp.ones(()), state, g)
-  want = c.diloco.outer_lr * (0.05 + 0.475 * (1 - np.cos(np.pi / 4)))   # k = 3 of 4
-  assert -float(upd) == pytest.approx(want, rel=1e-6)

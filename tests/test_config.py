@@ -4,6 +4,7 @@ into typed values; building one starts no JAX backend."""
 
 import dataclasses
 import json
+import math
 import os
 import re
 import subprocess
@@ -326,3 +327,17 @@ def test_the_builders_make_what_the_config_says():
   source = build.make_source(rc)
   assert isinstance(source, data.SyntheticLanguage)
   assert (source.vocab_size, source.num_classes) == (128, 16)
+
+
+def test_a_cosine_outer_lr_decays_over_T_over_H_outer_steps():
+  rc = _build(**{"diloco.outer_lr_schedule": "cosine", "diloco.outer_optimizer": "sgd",
+                 "diloco.outer_momentum": 0.0, "diloco.num_workers": 2,
+                 "train.num_steps": 120, "diloco.inner_steps": 30})     # 4 outer steps
+  mesh = build.make_mesh(rc)
+  algo = build.make_algorithm(rc, mesh, build.init_params(rc, mesh, jax.random.PRNGKey(0)))
+  g = jnp.zeros(())
+  state = algo.outer_opt.init(g)
+  for _ in range(4):
+    upd, state = algo.outer_opt.update(jnp.ones(()), state, g)
+  want = rc.diloco.outer_lr * (0.05 + 0.475 * (1 - math.cos(math.pi / 4)))   # k = 3 of 4
+  assert -float(upd) == pytest.approx(want, rel=1e-6)
