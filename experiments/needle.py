@@ -24,6 +24,7 @@ still has to run trains it again).
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import json
 import os
@@ -55,6 +56,10 @@ _ARCHIVE = flags.DEFINE_string(
     "archive", None, "folder of finished runs' small files, committed with the code "
     "(diloco_jax/archive.py): restored into --out first, each finished run copied there; "
     "default DOCS/runs/<basename of --out>; '' for none")
+_LONG_SET = flags.DEFINE_list(
+    "long_set", [], "config overrides KEY=VALUE for the long stages only (e.g. "
+    "model.rope_scaling=yarn,model.rope_scaling_factor=4,model.rope_original_length=320): a "
+    "recipe probe that continues the same short stages (link them into a fresh --out)")
 _PPL_LEN = flags.DEFINE_integer("ppl_seq_len", 0, "window of the long-context loss (0: the "
                                 "training window)")
 
@@ -74,7 +79,7 @@ def _family():
   return mod
 
 
-def make_config(name: str, data_glob: str, steps: int, out: str = ""):
+def make_config(name: str, data_glob: str, steps: int, out: str = "", long_set=()):
   arg, algorithm, parent = RUNS[name]
   c = _family().get_config(arg)
   c.algorithm = algorithm
@@ -83,7 +88,33 @@ def make_config(name: str, data_glob: str, steps: int, out: str = ""):
     c.train.num_steps = steps
   if parent:
     c.train.init_from = os.path.join(out, parent)
+    for item in long_set:
+      _override(c, item)
   return c
+
+
+def _override(c, item: str) -> None:
+  """Applies one "a.b.c=value" (`--long_set`); the value is a Python literal or else a string."""
+  from diloco_jax.config import ConfigError  # noqa: PLC0415
+  key, sep, text = item.partition("=")
+  *path, leaf = key.strip().split(".")
+  node = c
+  try:
+    for part in path:
+      node = node[part]
+    node[leaf]   # an unknown key fails here, not as a new field
+  except KeyError:
+    raise ConfigError(f"--long_set: {key!r} is not a config key") from None
+  if not sep:
+    raise ConfigError(f"--long_set items are KEY=VALUE, got {item!r}")
+  try:
+    value = ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    value = text
+  try:
+    node[leaf] = value
+  except TypeError as e:
+    raise ConfigError(f"--long_set: {key}={text} has the wrong type ({e})") from None
 
 
 def _cli(module: str, *args: str) -> None:
@@ -104,7 +135,8 @@ def evaluate(wd: str) -> None:
          *([f"--seq_len={_PPL_LEN.value}"] if _PPL_LEN.value else []))
 
 
-def run_all(out: str, data_glob: str, steps: int, only=(), archive: str = "") -> None:
+def run_all(out: str, data_glob: str, steps: int, only=(), archive: str = "",
+            long_set=()) -> None:
   """Trains and evaluates every run of `only` (all when empty) not finished yet. With `archive`
   (`diloco_jax.archive`), archived runs count as finished and every finished run is archived;
   a short stage restored without checkpoints trains again when its continuation still has to
@@ -112,8 +144,10 @@ def run_all(out: str, data_glob: str, steps: int, only=(), archive: str = "") ->
   from diloco_jax import config as config_lib, train  # noqa: PLC0415
   todo = [n for n in RUNS if not only or n in only]
   for n in todo:   # every config error before the first run trains (a continuation's
-    if not RUNS[n][2]:   # init_from exists only once its short run is done)
-      config_lib.from_config_dict(make_config(n, data_glob, steps, out))
+    c = make_config(n, data_glob, steps, out, long_set)   # init_from exists only once its
+    if RUNS[n][2]:                                         # short run is done: checked bare)
+      c.train.init_from = ""
+    config_lib.from_config_dict(c)
   if archive:
     archive_lib.restore(archive, out)
   for p in archive_lib.parents_to_retrain(out, {n: r[2] for n, r in RUNS.items()}, todo):
@@ -125,7 +159,7 @@ def run_all(out: str, data_glob: str, steps: int, only=(), archive: str = "") ->
       print(f"[{i + 1}/{len(todo)}] {n}: trained, skipped", flush=True)
     else:
       t0 = time.perf_counter()
-      s = train.run(make_config(n, data_glob, steps, out), wd)
+      s = train.run(make_config(n, data_glob, steps, out, long_set), wd)
       print(f"[{i + 1}/{len(todo)}] {n}: eval loss {s['final_eval_loss']:.4f}, "
             f"{time.perf_counter() - t0:.0f} s", flush=True)
     if n in EVALUATED:
@@ -161,6 +195,16 @@ def _config(out: str, name: str):
   return make_config(name, _DATA.value, _STEPS.value, out)
 
 
+def _rope_text(m) -> str:
+  """How the long stage's RoPE treats the 4× longer window (`model.rope_*`)."""
+  if m.rope_scaling == "none":
+    return "RoPE unscaled"
+  if m.rope_scaling == "linear":
+    return f"RoPE position interpolation, s = {m.rope_scaling_factor:g}"
+  return (f"RoPE scaled by YaRN, s = {m.rope_scaling_factor:g} from the trained "
+          f"{m.rope_original_length} bytes")
+
+
 def write_report(out: str, docs: str) -> list[str]:
   stages = {}
   for n in RUNS:
@@ -187,7 +231,7 @@ def write_report(out: str, docs: str) -> list[str]:
       f"of {cfg.model.d_model // cfg.model.num_heads}, byte-level english-pd. Stage `short`: "
       f"{short.train.num_steps} steps on windows of {short.data.seq_len} bytes; stage `long`: "
       f"its outer parameters continued (fresh optimizer state) for {cfg.train.num_steps} steps "
-      f"on windows of {L} bytes (4×, RoPE unscaled, blockwise attention). In both, "
+      f"on windows of {L} bytes (4×, {_rope_text(cfg.model)}, blockwise attention). In both, "
       f"{r.fraction:.0%} of the windows are packs of retrieval episodes ({', '.join(r.variants)}; "
       f"{r.num_needles} needles in the multi-key ones, {r.value_digits}-digit values, answer "
       f"bytes weighted {r.answer_weight:g}×, log-uniform episode lengths up to the window, "
@@ -307,7 +351,7 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
     from diloco_jax.config import ConfigError  # noqa: PLC0415
     try:
-      run_all(_OUT.value, _DATA.value, _STEPS.value, _ONLY.value, archive)
+      run_all(_OUT.value, _DATA.value, _STEPS.value, _ONLY.value, archive, _LONG_SET.value)
     except ConfigError as e:
       print(f"config error: {e}", file=sys.stderr)
       return 2

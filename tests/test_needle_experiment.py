@@ -20,12 +20,18 @@ def test_report_from_the_archive_names_the_missing_runs(tmp_path):
   arch = tmp_path / "archive"
   shutil.copytree(os.path.join(ARCHIVED, "streaming_short"), arch / "streaming_short")
   shutil.copytree(os.path.join(ARCHIVED, "streaming"), arch / "streaming")
+  # The long stage's RoPE as its own config.json says (here rewritten to YaRN).
+  cfg_path = arch / "streaming" / "config.json"
+  cfg = json.loads(cfg_path.read_text())
+  cfg["model"].update(rope_scaling="yarn", rope_scaling_factor=4.0, rope_original_length=320)
+  cfg_path.write_text(json.dumps(cfg))
   out, docs = tmp_path / "out", tmp_path / "docs"
   proc = subprocess.run([sys.executable, SCRIPT, "--report", f"--out={out}", f"--docs={docs}",
                          f"--archive={arch}"], capture_output=True, text=True, timeout=120)
   assert proc.returncode == 0, proc.stderr
   assert sorted(os.listdir(out)) == ["streaming", "streaming_short"]   # restored
   report = (docs / "needle.md").read_text()
+  assert "(4×, RoPE scaled by YaRN, s = 4 from the trained 320 bytes, blockwise" in report
   assert ("**Incomplete: no finished run of dp in this report** (`python experiments/needle.py "
           "--only=dp_short,dp` adds it).") in report
   # The recipe comes from the runs' own config.json, the numbers from their JSON files.
@@ -53,3 +59,31 @@ def test_report_with_no_evaluated_run_says_so_and_writes_nothing(tmp_path):
   assert proc.returncode == 1, proc.stderr
   assert "no report written" in proc.stderr and "wrote" not in proc.stdout
   assert not (docs / "needle.md").exists()
+
+
+def test_long_set_overrides_the_long_stages_only_and_bad_items_stop_first(tmp_path):
+  # make_config in its own process (the script's absl flags): the overrides reach `streaming`
+  # and `dp`, never their short stages.
+  code = ("import importlib.util, sys; s = importlib.util.spec_from_file_location('n', sys.argv[1]);"
+          " m = importlib.util.module_from_spec(s); s.loader.exec_module(m);"
+          " sets = ['model.rope_scaling=yarn', 'model.rope_scaling_factor=4',"
+          " 'model.rope_original_length=320', 'train.num_steps=7'];"
+          " print([(n, m.make_config(n, 'x', 0, 'o', sets).model.rope_scaling,"
+          " m.make_config(n, 'x', 0, 'o', sets).model.rope_scaling_factor,"
+          " m.make_config(n, 'x', 0, 'o', sets).train.num_steps) for n in m.RUNS])")
+  proc = subprocess.run([sys.executable, "-c", code, SCRIPT], capture_output=True, text=True,
+                        timeout=120, cwd=REPO)
+  assert proc.returncode == 0, proc.stderr
+  assert proc.stdout.strip() == ("[('streaming_short', 'none', 1.0, 3000), ('streaming', 'yarn', "
+                                 "4.0, 7), ('dp_short', 'none', 1.0, 3000), ('dp', 'yarn', 4.0, 7)]")
+  # An unknown key, a value of the wrong type or a config the long stage rejects: exit 2 with
+  # one sentence, before anything trains (nothing is written under --out).
+  for item, says in (("model.bogus=1", "'model.bogus' is not a config key"),
+                     ("model.rope_scaling_factor=abc", "has the wrong type"),
+                     ("model.rope_scaling=yarn", "model.rope_original_length must be")):
+    proc = subprocess.run([sys.executable, SCRIPT, f"--out={tmp_path / 'out'}", "--archive=",
+                           "--only=streaming", f"--long_set={item}"], capture_output=True,
+                          text=True, timeout=120)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and says in lines[0], proc.stderr
+    assert not (tmp_path / "out").exists()

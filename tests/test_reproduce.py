@@ -239,6 +239,7 @@ def test_budget_takes_each_methods_best_sweep_lr_and_reports_the_targets(tmp_pat
   assert "| +1.49 % ± 0.01 (3 seeds) |" in text   # the table's column; "—" for DP itself
   assert "≥ 400× fewer bits than data-parallel: met (500×)" in text
   assert "2.0100 ± 0.0100" in text   # three seeds at M=2
+  assert "seeds per cell: 1–3 (loss: mean ± sample std" in text   # M=2 three, M=4 one
   assert "**2.0000**" in open(tmp_path / "docs" / "sweep.md", encoding="utf-8").read()
   assert all(os.path.getsize(f) > 1000 for f in files if f.endswith(".png"))
 
