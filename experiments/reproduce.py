@@ -420,17 +420,20 @@ def _load(out: str, run: Run):
       summary = json.load(f)
   except FileNotFoundError:
     return None
-  curve = []
+  curve, evals, train = [], [], []
   with open(os.path.join(wd, "metrics.jsonl"), encoding="utf-8") as f:
     for line in f:
       row = json.loads(line)
       if "eval_loss" in row:
         curve.append((row["tokens_seen"], row["eval_loss"]))
+        evals.append((row["step"], row["eval_loss"]))
+      if "train_loss" in row:
+        train.append((row["step"], row["train_loss"]))
   elapsed = None
   if os.path.exists(os.path.join(wd, "reproduce.json")):
     with open(os.path.join(wd, "reproduce.json"), encoding="utf-8") as f:
       elapsed = json.load(f)["elapsed_s"]
-  return dict(summary=summary, curve=curve, elapsed=elapsed)
+  return dict(summary=summary, curve=curve, evals=evals, train=train, elapsed=elapsed)
 
 
 def _stats(values):
@@ -461,6 +464,8 @@ def collect(suite: str, out: str, scale: Scale, seeds: int, steps: int = 0) -> l
                      dp_bits=s0["dp_bits_sent_per_worker"], params=s0["num_params"],
                      tokens=s0["num_steps"] * scale.global_batch * scale.seq_len,
                      curve=got[0]["curve"],
+                     seed_evals={s: g["evals"] for s, g in by_seed.items()},
+                     seed_train={s: g["train"] for s, g in by_seed.items()},
                      elapsed=sum(g["elapsed"] or 0.0 for g in got)))
   return rows
 
@@ -755,6 +760,7 @@ def _budget_report(rows, save, plt):
       ratio = sd[0]["dp_bits"] / sd[0]["bits"]
       lines.append(f"- Streaming DiLoCo H={H}, ≥ 400× fewer bits than data-parallel: "
                    f"{'met' if ratio >= 400 else '**not met**'} ({ratio:.0f}×)")
+  where = _gap_over_training(rows)
   fig, ax = plt.subplots(figsize=(7, 4.5))
   for r in rows:
     if r["keys"]["M"] == 2 and r["curve"]:
@@ -766,8 +772,52 @@ def _budget_report(rows, save, plt):
   ax.set_ylim(top=min(3.0, ax.get_ylim()[1]))
   ax.legend(fontsize=8)
   ax.grid(alpha=0.3)
-  return (_table(rows, cols) + "\n\n## Targets\n\n" + "\n".join(lines),
-          f"![loss curves, M=2]({save(fig, 'curves')})\n")
+  return (_table(rows, cols) + "\n\n## Targets\n\n" + "\n".join(lines)
+          + (f"\n\n{where}" if where else ""), f"![loss curves, M=2]({save(fig, 'curves')})\n")
+
+
+def _gap_over_training(rows) -> str:
+  """Where the gap to data-parallel is, along the run (M=2, τ=1 cells; % paired by seed, mean
+  over the seeds both finished): θ_g's held-out loss at each evaluation, and the workers' own
+  training loss (the logged steps since the previous evaluation; each worker on its half of the
+  global batch that data-parallel trains on, so the same bytes are scored). If the workers
+  trail by as much as θ_g, the gap is made inside the workers, not by averaging them."""
+  dp = [r for r in rows if r["keys"]["method"] == "DP" and r["keys"]["M"] == 2]
+  cells = [r for r in rows if r["keys"]["M"] == 2 and r["keys"]["method"] != "DP"
+           and r["keys"].get("delay", "") in ("", "τ=1")]
+  if not dp or not cells or not dp[0]["seed_evals"]:
+    return ""
+  dp = dp[0]
+  seeds0 = sorted(dp["seed_evals"])
+  points = [s for s, _ in dp["seed_evals"][seeds0[0]]]
+  head = ("## Where the gap is, along the run\n\nM=2, % over data-parallel paired by seed "
+          "(mean over seeds): *held-out* is θ_g's evaluation loss at the step; *workers* is "
+          "the workers' own training loss, logged since the previous evaluation, on the same "
+          "bytes data-parallel trains on at those steps.\n\n"
+          "| method | loss | " + " | ".join(f"{p:,}" for p in points) + " |\n"
+          "|---|---|" + "---|" * len(points))
+  out = [head]
+  for r in cells:
+    seeds = sorted(set(r["seed_evals"]) & set(dp["seed_evals"]))
+    held, work = [], []
+    for i, p in enumerate(points):
+      lo = points[i - 1] if i else 0
+      h, w = [], []
+      for s in seeds:
+        ev, dv = dict(r["seed_evals"][s]), dict(dp["seed_evals"][s])
+        if p in ev and p in dv:
+          h.append(100 * (ev[p] / dv[p] - 1))
+        tr, dt = dict(r["seed_train"][s]), dict(dp["seed_train"][s])
+        both = [t for t in tr if lo < t <= p and t in dt]
+        if both:
+          w.append(100 * (sum(tr[t] for t in both) / sum(dt[t] for t in both) - 1))
+      held.append(f"{sum(h) / len(h):+.1f}" if h else "–")
+      work.append(f"{sum(w) / len(w):+.1f}" if w else "–")
+    H = r["keys"]["H"]
+    name = f"{r['label']} H={H}" + (f" ({len(seeds)} seeds)" if len(seeds) > 1 else "")
+    out.append(f"| {name} | held-out | " + " | ".join(held) + " |")
+    out.append(f"| {name} | workers | " + " | ".join(work) + " |")
+  return "\n".join(out)
 
 
 def report(suites, out, docs, seeds, steps=0, log=print, smoke=False) -> list[str]:

@@ -267,3 +267,23 @@ def test_paired_gap_uses_the_seeds_both_cells_finished():
   assert rp._paired(rows, rows[2]) == "+10.00 %"                    # one common seed
   assert rp._paired(rows, rows[3]) == "—"                           # none in common
   assert rp._paired(rows, dp) == "—"
+
+
+def test_gap_over_training_pairs_seeds_per_evaluation_and_stretch():
+  # Hand-made rows: evaluations at steps 10 and 20, training losses logged at 5, 10, 15, 20.
+  def row(method, seed_losses, H=None):
+    return dict(label={"DP": "data-parallel", "SD": "Streaming DiLoCo"}[method],
+                keys=dict(method=method, H=H, M=2, delay="τ=1" if method == "SD" else ""),
+                seed_evals={s: [(10, e[0]), (20, e[1])] for s, (e, _) in seed_losses.items()},
+                seed_train={s: list(zip((5, 10, 15, 20), t)) for s, (_, t) in
+                            seed_losses.items()})
+  dp = row("DP", {0: ((2.0, 1.0), (3.0, 3.0, 2.0, 2.0)), 1: ((4.0, 2.0), (1.0, 1.0, 1.0, 1.0))})
+  sd = row("SD", {0: ((2.2, 1.1), (3.3, 3.3, 2.0, 2.0)), 1: ((4.0, 2.04), (1.0, 1.2, 1.0, 1.0))},
+           H=30)
+  text = rp._gap_over_training([dp, sd])
+  # held-out at 10: s0 +10 %, s1 0 % → +5.0; at 20: s0 +10 %, s1 +2 % → +6.0.
+  # workers over (0, 10]: s0 6.6/6 → +10 %, s1 2.2/2 → +10 % → +10.0; over (10, 20]: 0 and 0.
+  assert "| Streaming DiLoCo H=30 (2 seeds) | held-out | +5.0 | +6.0 |" in text
+  assert "| Streaming DiLoCo H=30 (2 seeds) | workers | +10.0 | +0.0 |" in text
+  assert "| method | loss | 10 | 20 |" in text
+  assert rp._gap_over_training([sd]) == ""   # nothing to pair with
