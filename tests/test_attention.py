@@ -120,6 +120,33 @@ def test_the_model_with_blockwise_attention_equals_dense():
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("devices", [2, 1])
+def test_blockwise_inside_the_workers_lift_equals_dense(devices):
+  """The simulated workers' gradient lift (`algorithm.worker_grads`: a shard_map over the worker
+  axis, one worker per device unbatched or, on one device, both one after another) with
+  blockwise attention: it traces (the tile loops' carries must vary over the worker axis like
+  their outputs; they did not, and every long-context run stopped before its first step) and
+  gives dense attention's losses and gradients, worker by worker."""
+  from diloco_jax import algorithm, mesh as mesh_lib  # noqa: PLC0415
+  M = 2
+  dense = model.config_from_preset("tiny", num_layers=1, vocab_size=32)
+  blockwise = dataclasses.replace(dense, attention="blockwise", attention_block=4)
+  mesh = mesh_lib.make_mesh(M, devices=jax.devices()[:devices])
+  params = jax.tree.map(lambda x: jnp.stack([x, x * 0.9]), model.init_params(dense,
+                                                                             jax.random.key(0)))
+  batch = jax.random.randint(jax.random.key(1), (M, 2, 17), 0, 32)
+
+  def grads(cfg):
+    return jax.jit(algorithm.worker_grads(lambda p, b: model.loss_fn(cfg, p, b), mesh, M))(
+        params, batch)
+
+  ((l0, _), g0), ((l1, _), g1) = grads(dense), grads(blockwise)
+  assert l1.shape == (M,) and abs(float(l1[0] - l1[1])) > 1e-4   # two different workers
+  np.testing.assert_allclose(l1, l0, rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
 # --- document packing through the whole model -------------------------------------------------
 
 PACKING = model.config_from_preset("tiny", num_layers=1, vocab_size=32)

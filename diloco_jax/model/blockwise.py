@@ -75,9 +75,11 @@ def _forward(q_blocks, k_blocks, v_blocks, seg_blocks, scale):
       return (m_new, l * correction + jnp.sum(p, axis=-1),
               acc * correction[..., None] + jnp.einsum("bhqs,bhsk->bhqk", p, v_blocks[j]))
 
-    shape = q.shape[:-1]
-    m, l, acc = jax.lax.fori_loop(0, i + 1, step, (jnp.full(shape, _NEG), jnp.zeros(shape),
-                                                   jnp.zeros(q.shape)))
+    # Initial carries made *like* q: inside a shard_map (the simulated workers' inner step,
+    # `algorithm.over_workers`) they then vary over the same manual axes as the loop's outputs,
+    # which fori_loop requires; jnp.zeros(shape) would be replicated and fail to trace.
+    m, l, acc = jax.lax.fori_loop(0, i + 1, step, (jnp.full_like(q[..., 0], _NEG),
+                                                   jnp.zeros_like(q[..., 0]), jnp.zeros_like(q)))
     return acc / l[..., None], m + jnp.log(l)
 
   return jax.lax.map(query_block, jnp.arange(q_blocks.shape[0]))
@@ -126,7 +128,7 @@ def _bwd(block, residuals, do_BxLxHxK):
     def step(j, dq):
       _, ds = probs_and_ds(i, j)
       return dq + jnp.einsum("bhqs,bhsk->bhqk", ds, k_blocks[j]) * scale
-    return jax.lax.fori_loop(0, i + 1, step, jnp.zeros(q_blocks.shape[1:]))
+    return jax.lax.fori_loop(0, i + 1, step, jnp.zeros_like(q_blocks[i]))   # like q: see _forward
 
   def dkv_block(j):   # dK_j = Σ_{i ≥ j} dS_ijᵀ Q_i · scale, dV_j = Σ_{i ≥ j} P_ijᵀ dO_i
     def step(i, carry):
@@ -134,7 +136,7 @@ def _bwd(block, residuals, do_BxLxHxK):
       p, ds = probs_and_ds(i, j)
       return (dk + jnp.einsum("bhqs,bhqk->bhsk", ds, q_blocks[i]) * scale,
               dv + jnp.einsum("bhqs,bhqk->bhsk", p, do[i]))
-    zeros = jnp.zeros(k_blocks.shape[1:])
+    zeros = jnp.zeros_like(k_blocks[j])
     return jax.lax.fori_loop(j, n, step, (zeros, zeros))
 
   dq = jax.lax.map(dq_block, jnp.arange(n))
