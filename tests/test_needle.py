@@ -177,6 +177,23 @@ def test_non_ascii_cut_keeps_valid_utf8_and_exact_length():
     ep.prompt.decode("utf-8")
 
 
+
+def test_wrong_needle_hand_written():
+  """A multi-key miss that gives a distractor's value counts as the wrong needle; a hit, a
+  garbled number and a single needle's miss do not."""
+  ep = hs.make_episode(HAY, 900, 0.5, np.random.default_rng(1), variant="multikey")
+  asked = ep.answer_values[0]
+  others = [v for v in ep.values if v != asked]
+  assert len(others) == 3 and ep.answer == asked.encode()
+  assert hs.wrong_needle(" " + others[1] + ".", ep) == 1.0
+  assert hs.wrong_needle(asked + ".", ep) == 0.0                 # a hit
+  garbled = next(x for x in ("1111111", "2222222", "3333333") if x not in ep.values)
+  assert hs.wrong_needle(garbled, ep) == 0.0
+  assert hs.wrong_needle(others[0] + "9", ep) == 0.0             # glued digits: another number
+  single = hs.make_episode(HAY, 300, 0.5, np.random.default_rng(2), variant="single")
+  assert hs.wrong_needle("1234", single) == 0.0
+
+
 @pytest.mark.parametrize("variant", hs.VARIANTS)
 def test_control_same_question_answer_length_no_needle(variant):
   ep = hs.make_episode(HAY, 800, 0.5, np.random.default_rng(6), variant=variant)
@@ -283,18 +300,18 @@ def test_min_length_is_the_shortest_accepted(variant):
 _MATCH = 24   # bytes of context the oracle matches: "magic Paris number is: " and a bit
 
 
-def oracle_apply(params, tokens_BxW):
+def oracle_apply(params, tokens_BxW, match_bytes=_MATCH):
   """An induction-head oracle: at every position, predict the byte that followed the latest
-  earlier occurrence of the last _MATCH bytes (a NUL byte if there is none). On a needle prompt
-  the question's tail "...magic Paris number is: " occurs once before, in Paris's needle, so it
-  copies the value; on the control there is nothing to copy."""
+  earlier occurrence of the last `match_bytes` bytes (a NUL byte if there is none). On a needle
+  prompt the question's tail "...magic Paris number is: " occurs once before, in Paris's
+  needle, so it copies the value; on the control there is nothing to copy."""
   del params
   _, w = tokens_BxW.shape
   p = jnp.arange(w)[:, None]
   j = jnp.arange(w)[None, :]
-  match = (j < p) & (j >= _MATCH - 1)
+  match = (j < p) & (j >= match_bytes - 1)
   eq = tokens_BxW[:, :, None] == tokens_BxW[:, None, :]
-  for k in range(_MATCH):
+  for k in range(match_bytes):
     match = match & jnp.roll(eq, (k, k), axis=(1, 2))
   last_BxW = jnp.max(jnp.where(match, j, -1), axis=-1)
   nxt = jnp.take_along_axis(tokens_BxW, jnp.clip(last_BxW + 1, 0, w - 1), axis=1)
@@ -315,6 +332,22 @@ def test_oracle_recalls_everything_and_nothing_on_the_control():
     assert [r["recall"] for r in result["per_length"][v]] == [1.0, 1.0]
     assert result["effective_length"][v] == 400
   assert result["per_length"]["single"][0]["control"] == 0.0
+  assert [r["wrong_needle"] for r in result["per_length"]["multikey"]] == [0.0, 0.0]
+
+
+def test_wrong_needle_share_of_an_oracle_that_ignores_the_key():
+  """Matching only " number is: " (12 bytes, no key), the oracle copies the needle that comes
+  last in the prompt: every single needle is right, and every multi-key miss is another
+  needle's value, so recall + wrong-needle share = 1 exactly."""
+  result = needle.evaluate(lambda p, t: oracle_apply(p, t, match_bytes=12), None,
+                           [TEXT, _text(8000, seed=1)], [300, 400], [0.0, 0.5, 1.0],
+                           ["single", "multikey"], trials=3, rng_seed=0, control=False,
+                           batch_size=8)
+  for r in result["per_length"]["single"]:
+    assert (r["recall"], r["wrong_needle"]) == (1.0, 0.0)
+  mk = result["per_length"]["multikey"]
+  assert all(r["recall"] + r["wrong_needle"] == pytest.approx(1.0) for r in mk)
+  assert min(r["wrong_needle"] for r in mk) > 0   # the queried needle is not always last
 
 
 def test_decode_equals_unpadded_step_by_step_forward():

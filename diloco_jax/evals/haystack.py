@@ -434,3 +434,13 @@ def score(output, answer) -> float:
     return exact(output, values)
   text = _as_text(output)
   return sum(_whole(v, text, anchored=False) for v in values) / len(values)
+
+
+def wrong_needle(output, episode: Episode) -> float:
+  """1.0 iff the generation is a miss that `exact`ly gives another needle's value instead: the
+  model found a needle but not the one asked for (a multi-key distractor, or a multi-value
+  needle out of order); 0.0 for a hit or any other miss (garbled digits, haystack text)."""
+  if exact(output, episode):
+    return 0.0
+  asked = set(episode.answer_values)
+  return float(any(exact(output, [v]) for v in episode.values if v not in asked))

@@ -24,7 +24,8 @@ protocol with RULER's variants:
 * A length too short for a variant's needles and question (`haystack.min_length`, e.g. 282
   bytes for 4 multi-key needles) is skipped for that variant: recall None, "skipped" says why.
 
-Writes OUT/needle.json (every cell, controls, per-length means, effective lengths) and
+Writes OUT/needle.json (every cell, controls, per-length means with the fraction of answers
+that are another needle's value, effective lengths) and
 OUT/needle_<variant>.png (a heat map per variant). `evaluate` and `heatmap` are the library
 entry points (no workdir needed). Any bad flag, config or file: one sentence on stderr, exit 2.
 """
@@ -210,9 +211,12 @@ def evaluate(apply_fn: Callable, params, text, lengths: Sequence[int], depths: S
       if ctrl:
         controls.append({"variant": variant, "length": length, "trials": trials,
                          "recall": c_recall})
+      # How the misses miss: another needle's value in place of the asked one (the needle
+      # was found, the key not matched) or anything else.
+      wrong = float(np.mean([hs.wrong_needle(o, e) for o, e in zip(outs, flat)]))
       per_length[variant].append({"length": length, "recall": float(np.mean(scores)),
                                   "control": c_recall, "extrapolation": extrap,
-                                  "skipped": None})
+                                  "skipped": None, "wrong_needle": wrong})
   eff = {v: effective_length(rows) for v, rows in per_length.items()}
   if len(variants) > 1:   # RULER's summary: the mean over tasks per length (all evaluated)
     per_length["all"] = []
@@ -395,6 +399,8 @@ def main(argv: list[str]) -> int:
     rows = "  ".join(f"{r['length']}{'*' if r['extrapolation'] else ''}: "
                      + ("skipped" if r["recall"] is None else f"{r['recall']:.2f}")
                      + (f" (ctrl {r['control']:.2f})" if r["control"] is not None else "")
+                     + (f" (wrong needle {r['wrong_needle']:.2f})" if r.get("wrong_needle")
+                        else "")
                      for r in result["per_length"][v])
     print(f"{v:<10} {rows}  effective length {result['effective_length'][v]}")
   print(f"wrote {', '.join(paths.values())}")
