@@ -1,5 +1,6 @@
 """experiments/needle.py's report from archived runs (the fresh-clone path): restored from
---archive into an empty --out, the table read from the runs' own JSON, missing runs named.
+--archive into an empty --out, the table read from the runs' own JSON, missing runs named;
+its --long_set overrides; and the recipe's two stages training, shrunk to a few steps.
 
 The script runs in a subprocess: it defines absl flags that reproduce.py (test_reproduce)
 also defines, and one process cannot hold both.
@@ -10,6 +11,8 @@ import os
 import shutil
 import subprocess
 import sys
+
+import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "experiments", "needle.py")
@@ -87,3 +90,46 @@ def test_long_set_overrides_the_long_stages_only_and_bad_items_stop_first(tmp_pa
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and says in lines[0], proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def _long_context(arg: str, text_glob: str, steps: int, **extra):
+  """experiments/configs/long_context.py's stage `arg`, shrunk to a few steps of a tiny model
+  (the windows, retrieval mix and attention as configured)."""
+  import importlib.util  # noqa: PLC0415
+  spec = importlib.util.spec_from_file_location(
+      "long_context", os.path.join(REPO, "experiments", "configs", "long_context.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  c = mod.get_config(arg)
+  c.data.paths = (text_glob,)
+  c.model.num_layers, c.model.d_model, c.model.ffn_dim = 2, 32, 64
+  c.diloco.layers_per_fragment = 1
+  c.diloco.inner_steps = steps
+  c.train.num_steps, c.train.batch_size, c.train.warmup_steps = steps, 2, 1
+  c.train.log_every = c.eval.every_steps = c.checkpoint.every_steps = steps
+  c.eval.num_batches, c.eval.batch_size = 1, 2
+  for key, value in extra.items():
+    section, name = key.split("__")
+    setattr(c[section], name, value)
+  return c
+
+
+def test_the_recipe_trains_short_then_continues_long_with_blockwise_attention(tmp_path):
+  """Both stages of the needle recipe train on simulated workers (the long one: blockwise
+  attention inside the workers' lift, YaRN, 4× the window, from the short run's outer
+  parameters). The long stage stopped tracing when the inner step's lift became a shard_map,
+  and no test noticed."""
+  from diloco_jax import train  # noqa: PLC0415
+  rng = np.random.default_rng(0)
+  words = "the of and to in that was he it his with as had for not but at by on".split()
+  text = " ".join(" ".join(rng.choice(words, 9)).capitalize() + "." for _ in range(9000))
+  (tmp_path / "text.txt").write_text(text, encoding="utf-8")
+  glob = str(tmp_path / "text.txt")
+  short = train.run(_long_context("short", glob, 3), str(tmp_path / "short"))
+  long_cfg = _long_context("long", glob, 3, train__init_from=str(tmp_path / "short"),
+                           model__rope_scaling="yarn", model__rope_scaling_factor=4.0,
+                           model__rope_original_length=320)
+  assert (long_cfg.model.attention, long_cfg.data.seq_len) == ("blockwise", 1280)
+  long = train.run(long_cfg, str(tmp_path / "long"))
+  assert np.isfinite(short["final_eval_loss"]) and np.isfinite(long["final_eval_loss"])
+  assert long["num_steps"] == 3
