@@ -80,13 +80,16 @@ def test_long_set_overrides_the_long_stages_only_and_bad_items_stop_first(tmp_pa
   assert proc.stdout.strip() == ("[('streaming_short', 'none', 1.0, 3000), ('streaming', 'yarn', "
                                  "4.0, 7), ('dp_short', 'none', 1.0, 3000), ('dp', 'yarn', 4.0, 7)]")
   # An unknown key, a value of the wrong type or a config the long stage rejects: exit 2 with
-  # one sentence, before anything trains (nothing is written under --out).
+  # one sentence, before anything trains (nothing is written under --out). Any text will do:
+  # nothing reads it.
+  text = tmp_path / "text.txt"
+  text.write_text("Some text. " * 100, encoding="utf-8")
   for item, says in (("model.bogus=1", "'model.bogus' is not a config key"),
                      ("model.rope_scaling_factor=abc", "has the wrong type"),
                      ("model.rope_scaling=yarn", "model.rope_original_length must be")):
     proc = subprocess.run([sys.executable, SCRIPT, f"--out={tmp_path / 'out'}", "--archive=",
-                           "--only=streaming", f"--long_set={item}"], capture_output=True,
-                          text=True, timeout=120)
+                           f"--data={text}", "--only=streaming", f"--long_set={item}"],
+                          capture_output=True, text=True, timeout=120)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and says in lines[0], proc.stderr
     assert not (tmp_path / "out").exists()
