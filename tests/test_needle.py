@@ -177,7 +177,6 @@ def test_non_ascii_cut_keeps_valid_utf8_and_exact_length():
     ep.prompt.decode("utf-8")
 
 
-
 def test_wrong_needle_hand_written():
   """A multi-key miss that gives a distractor's value counts as the wrong needle; a hit, a
   garbled number and a single needle's miss do not."""

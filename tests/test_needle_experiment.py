@@ -14,6 +14,8 @@ import sys
 
 import numpy as np
 
+from tests import overrides as overrides_lib
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "experiments", "needle.py")
 ARCHIVED = os.path.join(REPO, "docs", "results", "runs", "needle")
@@ -95,7 +97,7 @@ def test_long_set_overrides_the_long_stages_only_and_bad_items_stop_first(tmp_pa
     assert not (tmp_path / "out").exists()
 
 
-def _long_context(arg: str, text_glob: str, steps: int, **extra):
+def _long_context(arg: str, text_glob: str, steps: int, overrides=None):
   """experiments/configs/long_context.py's stage `arg`, shrunk to a few steps of a tiny model
   (the windows, retrieval mix and attention as configured)."""
   import importlib.util  # noqa: PLC0415
@@ -111,10 +113,7 @@ def _long_context(arg: str, text_glob: str, steps: int, **extra):
   c.train.num_steps, c.train.batch_size, c.train.warmup_steps = steps, 2, 1
   c.train.log_every = c.eval.every_steps = c.checkpoint.every_steps = steps
   c.eval.num_batches, c.eval.batch_size = 1, 2
-  for key, value in extra.items():
-    section, name = key.split("__")
-    setattr(c[section], name, value)
-  return c
+  return overrides_lib.apply(c, overrides or {})
 
 
 def test_the_recipe_trains_short_then_continues_long_with_blockwise_attention(tmp_path):
@@ -129,9 +128,9 @@ def test_the_recipe_trains_short_then_continues_long_with_blockwise_attention(tm
   (tmp_path / "text.txt").write_text(text, encoding="utf-8")
   glob = str(tmp_path / "text.txt")
   short = train.run(_long_context("short", glob, 3), str(tmp_path / "short"))
-  long_cfg = _long_context("long", glob, 3, train__init_from=str(tmp_path / "short"),
-                           model__rope_scaling="yarn", model__rope_scaling_factor=4.0,
-                           model__rope_original_length=320)
+  long_cfg = _long_context("long", glob, 3, {
+      "train.init_from": str(tmp_path / "short"), "model.rope_scaling": "yarn",
+      "model.rope_scaling_factor": 4.0, "model.rope_original_length": 320})
   assert (long_cfg.model.attention, long_cfg.data.seq_len) == ("blockwise", 1280)
   long = train.run(long_cfg, str(tmp_path / "long"))
   assert np.isfinite(short["final_eval_loss"]) and np.isfinite(long["final_eval_loss"])
