@@ -162,6 +162,7 @@ class Run:
   outer_lr: float = 0.0       # η; 0: the paper's (0.4 Streaming DiLoCo, 0.7 DiLoCo)
   delay: str = "none"         # "naive" / "eager": the all-reduce overlaps a whole round (τ=0)
   drop: float = 0.0           # diloco.drop_prob: each worker's outer gradient lost per sync
+  batch: int = 0              # sequences per step summed over workers (0: the scale's)
   seed: int = 0
 
   @property
@@ -181,7 +182,7 @@ class Run:
       base += f"_{self.delay}"
     if self.drop:
       base += f"_drop{self.drop:g}"
-    return f"{base}_s{self.seed}"
+    return f"{base}{f'_B{self.batch}' if self.batch else ''}_s{self.seed}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -282,6 +283,15 @@ def budget_cells(scale: Scale, best_lr: dict) -> list[Cell]:
   for delay in ("eager", "naive"):
     cells.append(Cell(f"Streaming DiLoCo, {delay}", dataclasses.replace(sd, delay=delay),
                       dict(method="SD", H=H_lo, M=2, delay=delay), seeds=1))
+  # Where the gap is: the same bytes at twice the batch in half the steps (seed 0), each worker
+  # at the batch data-parallel averages at the budget's. If the gap is the workers' progress
+  # per step on half data-parallel's batch (`_gap_over_training`), it shrinks here.
+  B2, T2 = 2 * scale.global_batch, T // 2
+  dp2, _, sd2, _ = methods(2)   # data-parallel and Streaming DiLoCo H=H_lo
+  for label, run, keys in (dp2, sd2):
+    cells.append(Cell(f"{label}, 2× batch, T/2", dataclasses.replace(run, T=T2, batch=B2),
+                      dict(keys, M=2, delay="τ=1" if keys["method"] == "SD" else "", batch=B2),
+                      seeds=1))
   return cells
 
 
@@ -358,7 +368,7 @@ def make_config(run: Run, scale: Scale, data_glob: str):
   c.diloco.delayed = run.delay == "naive"
   c.diloco.drop_prob = run.drop
   c.train.num_steps = run.T
-  c.train.batch_size = scale.global_batch // run.M
+  c.train.batch_size = (run.batch or scale.global_batch) // run.M
   c.train.learning_rate = scale.learning_rate
   c.train.warmup_steps = scale.warmup
   c.train.log_every = max(run.T // (4 * scale.eval_points), 1)
@@ -462,7 +472,8 @@ def collect(suite: str, out: str, scale: Scale, seeds: int, steps: int = 0) -> l
                      bits=_stats([g["summary"]["bits_sent_per_worker"] for g in got])[0],
                      peak=max(g["summary"]["peak_bits_per_step"] for g in got),
                      dp_bits=s0["dp_bits_sent_per_worker"], params=s0["num_params"],
-                     tokens=s0["num_steps"] * scale.global_batch * scale.seq_len,
+                     tokens=s0["num_steps"] * (cell.run.batch or scale.global_batch)
+                     * scale.seq_len,
                      curve=got[0]["curve"],
                      seed_evals={s: g["evals"] for s, g in by_seed.items()},
                      seed_train={s: g["train"] for s, g in by_seed.items()},
@@ -486,9 +497,15 @@ _COMMON = [("eval loss", _fmt_loss), ("bits/worker", lambda r: f"{r['bits']:.3g}
            ("DP bits ÷ bits", lambda r: f"{r['dp_bits'] / r['bits']:.1f}" if r["bits"] else "—")]
 
 
+def _dp_beside(rows, r):
+  """The data-parallel rows r compares with: the same M and the same batch."""
+  return [x for x in rows if x["keys"]["method"] == "DP" and x["keys"]["M"] == r["keys"]["M"]
+          and x["keys"].get("batch") == r["keys"].get("batch")]
+
+
 def _rel(rows, r):
   """Loss relative to data-parallel at the same M (the paper's comparison)."""
-  dp = [x for x in rows if x["keys"]["method"] == "DP" and x["keys"]["M"] == r["keys"]["M"]]
+  dp = _dp_beside(rows, r)
   return f"{100 * (r['loss'] / dp[0]['loss'] - 1):+.2f} %" if dp else "—"
 
 
@@ -496,7 +513,7 @@ def _paired(rows, r):
   """The loss relative to data-parallel at the same M seed by seed (a seed fixes the init and
   the data order for every method, so the seeds' common part cancels), over the seeds both
   finished: mean ± sample std of the per-seed gaps, in %."""
-  dp = [x for x in rows if x["keys"]["method"] == "DP" and x["keys"]["M"] == r["keys"]["M"]]
+  dp = _dp_beside(rows, r)
   if not dp or r["keys"]["method"] == "DP":
     return "—"
   common = sorted(set(r["seed_loss"]) & set(dp[0]["seed_loss"]))
@@ -746,7 +763,8 @@ def _budget_report(rows, save, plt):
           ("η", lambda r: f"{r['run'].outer_lr:g}" if r["run"].outer_lr else "—"),
           ("seeds", lambda r: str(r["n"])), *_COMMON, ("vs DP", lambda r: _rel(rows, r)),
           ("vs DP, paired by seed", lambda r: _paired(rows, r))]
-  dp = {r["keys"]["M"]: r for r in rows if r["keys"]["method"] == "DP"}
+  dp = {r["keys"]["M"]: r for r in rows
+        if r["keys"]["method"] == "DP" and "batch" not in r["keys"]}
   lines = []
   for H in sorted({r["keys"]["H"] for r in rows if r["keys"]["method"] == "SD"}):
     sd = [r for r in rows if r["keys"] == dict(method="SD", H=H, M=2, delay="τ=1")]
@@ -760,7 +778,8 @@ def _budget_report(rows, save, plt):
       ratio = sd[0]["dp_bits"] / sd[0]["bits"]
       lines.append(f"- Streaming DiLoCo H={H}, ≥ 400× fewer bits than data-parallel: "
                    f"{'met' if ratio >= 400 else '**not met**'} ({ratio:.0f}×)")
-  where = _gap_over_training(rows)
+  where = _gap_over_training([r for r in rows if "batch" not in r["keys"]])
+  twice = _at_twice_the_batch(rows)
   fig, ax = plt.subplots(figsize=(7, 4.5))
   for r in rows:
     if r["keys"]["M"] == 2 and r["curve"]:
@@ -773,7 +792,8 @@ def _budget_report(rows, save, plt):
   ax.legend(fontsize=8)
   ax.grid(alpha=0.3)
   return (_table(rows, cols) + "\n\n## Targets\n\n" + "\n".join(lines)
-          + (f"\n\n{where}" if where else ""), f"![loss curves, M=2]({save(fig, 'curves')})\n")
+          + (f"\n\n{where}" if where else "") + (f"\n\n{twice}" if twice else ""),
+          f"![loss curves, M=2]({save(fig, 'curves')})\n")
 
 
 def _gap_over_training(rows) -> str:
@@ -818,6 +838,28 @@ def _gap_over_training(rows) -> str:
     out.append(f"| {name} | held-out | " + " | ".join(held) + " |")
     out.append(f"| {name} | workers | " + " | ".join(work) + " |")
   return "\n".join(out)
+
+
+def _at_twice_the_batch(rows) -> str:
+  """The 2×-batch cells against the budget's, seed 0 in both (the only seed the 2× cells have):
+  Streaming DiLoCo's gap to data-parallel at each batch."""
+  def seed0(method, batch):
+    got = [r for r in rows if r["keys"]["method"] == method and r["keys"]["M"] == 2
+           and r["keys"].get("delay", "") in ("", "τ=1") and r["keys"].get("batch") == batch
+           and (method == "DP" or r["keys"]["H"] == h)]
+    return got[0]["seed_loss"].get(0) if got else None
+  twice = [r for r in rows if r["keys"].get("batch") and r["keys"]["method"] == "SD"]
+  if not twice:
+    return ""
+  h, b2 = twice[0]["keys"]["H"], twice[0]["keys"]["batch"]
+  gaps = {}
+  for batch in (None, b2):
+    sd, dp = seed0("SD", batch), seed0("DP", batch)
+    gaps[batch] = f"{100 * (sd / dp - 1):+.2f} %" if sd and dp else "not run yet"
+  return ("## At twice the batch\n\nThe same bytes (to 0.05 %) in half the steps, every batch "
+          f"doubled ({b2} windows per step in all; each Streaming DiLoCo worker at the batch "
+          f"data-parallel averages at the budget's). Streaming DiLoCo H={h} over data-parallel, "
+          f"seed 0: {gaps[None]} at the budget's batch, {gaps[b2]} at twice it.")
 
 
 def report(suites, out, docs, seeds, steps=0, log=print, smoke=False) -> list[str]:

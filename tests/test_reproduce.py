@@ -214,14 +214,22 @@ def test_budget_takes_each_methods_best_sweep_lr_and_reports_the_targets(tmp_pat
     if c.run.method != "dp":
       assert c.run.outer_lr == best["DiLoCo" if c.run.method == "diloco" else "SD", c.run.H]
   runs = rp.unique_runs(cells, 3)
-  assert len(runs) == 4 * 3 + 4 + 2   # M=2 × 3 seeds, M=4 and the two delays with one seed
+  # M=2 × 3 seeds; M=4, the two delays and data-parallel and SD H=30 at 2× batch: one seed.
+  assert len(runs) == 4 * 3 + 4 + 2 + 2
   assert {r.delay for r in runs} == {"none", "eager", "naive"}
   assert all(r.tau == 0 for r in runs if r.delay != "none")
+  twice = [r for r in runs if r.batch]
+  assert [(r.method, r.H, r.T, r.batch) for r in twice] == [
+      ("dp", 1, 1042, 64), ("streaming", 30, 1042, 64)]
+  assert twice[1].name.endswith("_lr0.6_B64_s0")
+  assert rp.make_config(twice[1], scale, "/dev/null").train.batch_size == 32   # per worker
   # The targets, from hand-written results: H=30 within 2 %, H=100 not, 500× fewer bits.
   results = tmp_path / "budget"
   results.mkdir()
   for r in runs:
     loss = {"dp": 2.0, "diloco": 2.1}.get(r.method, 2.03 if r.H == 30 else 2.06)
+    if r.batch:   # at 2× batch: data-parallel 2.2, SD H=30 2.211 (+0.50 %)
+      loss = 2.2 if r.method == "dp" else 2.211
     _fake_finished(results, r, loss + 0.01 * r.seed, bits=1 if r.H == 100 else 10, dp_bits=500)
   for c in sweep:
     _fake_finished(results, c.run, 2.0 + (0 if (c.keys["method"], c.keys["H"]) not in best
@@ -240,6 +248,11 @@ def test_budget_takes_each_methods_best_sweep_lr_and_reports_the_targets(tmp_pat
   assert "≥ 400× fewer bits than data-parallel: met (500×)" in text
   assert "2.0100 ± 0.0100" in text   # three seeds at M=2
   assert "seeds per cell: 1–3 (loss: mean ± sample std" in text   # M=2 three, M=4 one
+  # The 2× batch rows compare with data-parallel at 2× batch, seed 0 against seed 0.
+  assert ("Streaming DiLoCo H=30 over data-parallel, seed 0: +1.50 % at the budget's batch, "
+          "+0.50 % at twice it.") in text
+  assert "| Streaming DiLoCo, 2× batch, T/2 | 0.6 | 1 | 2.2110 |" in text
+  assert text.count("| +0.50 % | +0.50 % |") == 1
   assert "**2.0000**" in open(tmp_path / "docs" / "sweep.md", encoding="utf-8").read()
   assert all(os.path.getsize(f) > 1000 for f in files if f.endswith(".png"))
 
