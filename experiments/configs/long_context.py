@@ -62,11 +62,14 @@ def get_config(arg: str = "short"):
   c.model.num_heads = 2
   c.model.ffn_dim = 512
   c.model.tied_embeddings = False
-  c.train.batch_size = 8
-  # 3000, not 2000: at 2000 steps Streaming DiLoCo was still learning to copy the needle's
-  # digits (exact recall 0.22 at 256 bytes, 71 % of digits right; data-parallel was past it),
-  # at 3000 it retrieves (0.97). Measured in docs/results/needle.md.
-  c.train.num_steps = 3000
+  # Per worker. Streaming DiLoCo's workers learnt to copy after as many windows *per worker* as
+  # data-parallel needed in all (its transition at step ~950 of 3000 at 8 per worker and 16 in
+  # all for data-parallel, ~1750 for Streaming DiLoCo), and then sat at the edge: its answer loss
+  # noisy at 0.1-0.4 nats while data-parallel's was at 0.01, so float-level differences decided
+  # whether it retrieved (0.97 on 2026-12-03, 0.85 on 2026-12-07). Twice the windows per worker,
+  # 3/4 of the steps: each worker sees 1.5x the windows of the 3000 x 8 recipe, in ~40 min.
+  c.train.batch_size = 16
+  c.train.num_steps = 2250
   c.train.learning_rate = 2e-3
   c.train.warmup_steps = 100
   c.train.log_every = 50
@@ -78,11 +81,12 @@ def get_config(arg: str = "short"):
     c.data.seq_len = 4 * SHORT
     c.model.attention = "blockwise"     # O(L·block) memory; on CPU also faster than dense
     c.model.attention_block = 128
-    c.train.batch_size = 4
-    # 600, not 300: at 300 the answer bytes' loss was still falling (0.41 nats for Streaming
-    # DiLoCo); 600 raised its 4-key recall from 0.38/0.16 to 0.47/0.24 at 512/1024 bytes
-    # (docs/long_context.md). Both stages: ~40 min of these 2 cores.
-    c.train.num_steps = 600
+    # 8 per worker for 300 steps, not 4 for 600 (the same windows): with 4, Streaming DiLoCo's
+    # answer loss rose from 0.10 nats at the end of the short stage to 0.75-0.85 (data-parallel,
+    # averaging 8: 0.01 -> 0.11); its workers' outer gradients were nearly orthogonal (cosine
+    # 0.1), noise-dominated. Both stages: ~53 min of these 2 cores.
+    c.train.batch_size = 8
+    c.train.num_steps = 300
     c.train.learning_rate = 1e-3
     c.train.warmup_steps = 30
     c.eval.every_steps = 100
