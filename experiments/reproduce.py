@@ -168,8 +168,9 @@ class Run:
   @property
   def name(self) -> str:
     base = f"{self.method}_M{self.M}_T{self.T}"
+    batch = f"_B{self.batch}" if self.batch else ""
     if self.method == "dp":
-      return f"{base}_s{self.seed}"
+      return f"{base}{batch}_s{self.seed}"
     base += f"_H{self.H}"
     if self.method == "streaming":
       base += (f"_tau{self.tau}_a{self.alpha:g}_{self.codec}{'_ef' if self.error_feedback else ''}"
@@ -182,7 +183,7 @@ class Run:
       base += f"_{self.delay}"
     if self.drop:
       base += f"_drop{self.drop:g}"
-    return f"{base}{f'_B{self.batch}' if self.batch else ''}_s{self.seed}"
+    return f"{base}{batch}_s{self.seed}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,7 +205,8 @@ def _diloco(M, H, T):
 
 
 def suite_cells(suite: str, scale: Scale, steps: int = 0) -> list[Cell]:
-  """The grid of a suite. Every cell of a suite has the same T and tokens per step."""
+  """The grid of a suite. Every cell of a suite has the same T and tokens per step (the budget
+  suite adds two at twice the batch in T/2, `budget_cells`)."""
   T_main = steps or scale.main_steps
   T = max(steps * 2 // 5, 1) if steps else scale.ablation_steps
   H, k = scale.ablation_H, scale.blocks_per_fragment

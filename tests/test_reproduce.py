@@ -221,7 +221,7 @@ def test_budget_takes_each_methods_best_sweep_lr_and_reports_the_targets(tmp_pat
   twice = [r for r in runs if r.batch]
   assert [(r.method, r.H, r.T, r.batch) for r in twice] == [
       ("dp", 1, 1042, 64), ("streaming", 30, 1042, 64)]
-  assert twice[1].name.endswith("_lr0.6_B64_s0")
+  assert (twice[0].name, twice[1].name[-13:]) == ("dp_M2_T1042_B64_s0", "_lr0.6_B64_s0")
   assert rp.make_config(twice[1], scale, "/dev/null").train.batch_size == 32   # per worker
   # The targets, from hand-written results: H=30 within 2 %, H=100 not, 500× fewer bits.
   results = tmp_path / "budget"
@@ -253,6 +253,8 @@ def test_budget_takes_each_methods_best_sweep_lr_and_reports_the_targets(tmp_pat
           "+0.50 % at twice it.") in text
   assert "| Streaming DiLoCo, 2× batch, T/2 | 0.6 | 1 | 2.2110 |" in text
   assert text.count("| +0.50 % | +0.50 % |") == 1
+  assert "| data-parallel, 2× batch, T/2 | — | 1 | 2.2000 |" in text   # its own "vs DP": +0.00
+  assert "2× batch" not in text.split("## Where the gap is")[1].split("## At twice")[0]
   assert "**2.0000**" in open(tmp_path / "docs" / "sweep.md", encoding="utf-8").read()
   assert all(os.path.getsize(f) > 1000 for f in files if f.endswith(".png"))
 
