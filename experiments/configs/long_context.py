@@ -62,12 +62,11 @@ def get_config(arg: str = "short"):
   c.model.num_heads = 2
   c.model.ffn_dim = 512
   c.model.tied_embeddings = False
-  # Per worker. Streaming DiLoCo's workers learnt to copy after as many windows *per worker* as
-  # data-parallel needed in all (its transition at step ~950 of 3000 at 8 per worker and 16 in
-  # all for data-parallel, ~1750 for Streaming DiLoCo), and then sat at the edge: its answer loss
-  # noisy at 0.1-0.4 nats while data-parallel's was at 0.01, so float-level differences decided
-  # whether it retrieved (0.97 on 2026-12-03, 0.85 on 2026-12-07). Twice the windows per worker,
-  # 3/4 of the steps: each worker sees 1.5x the windows of the 3000 x 8 recipe, in ~40 min.
+  # Per worker. At 8 per worker for 3000 steps Streaming DiLoCo learnt to copy late (answer
+  # loss below 1 nat at step ~1750; data-parallel, averaging 16, at ~950) and ended at the edge
+  # (0.10 nats; float-level differences decided whether it retrieved: 0.97 at 256 bytes on
+  # 2026-12-03, 0.85 on 2026-12-07). The same minutes as 16 per worker for 2250 steps: 0.035
+  # nats at the end, recall 0.98 at 320 bytes, 4 keys 0.64 (docs/long_context.md).
   c.train.batch_size = 16
   c.train.num_steps = 2250
   c.train.learning_rate = 2e-3
@@ -82,9 +81,8 @@ def get_config(arg: str = "short"):
     c.model.attention = "blockwise"     # O(L·block) memory; on CPU also faster than dense
     c.model.attention_block = 128
     # 8 per worker for 300 steps, not 4 for 600 (the same windows): with 4, Streaming DiLoCo's
-    # answer loss rose from 0.10 nats at the end of the short stage to 0.75-0.85 (data-parallel,
-    # averaging 8: 0.01 -> 0.11); its workers' outer gradients were nearly orthogonal (cosine
-    # 0.1), noise-dominated. Both stages: ~53 min of these 2 cores.
+    # answer loss rose from 0.10 nats to 0.6-1.1 (its workers' outer gradients at cosine ~0.1);
+    # with 8 it fell to 0.11. Both stages: 50 min of these 2 cores (Streaming DiLoCo alone).
     c.train.batch_size = 8
     c.train.num_steps = 300
     c.train.learning_rate = 1e-3
