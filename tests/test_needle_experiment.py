@@ -79,8 +79,8 @@ def test_long_set_overrides_the_long_stages_only_and_bad_items_stop_first(tmp_pa
   proc = subprocess.run([sys.executable, "-c", code, SCRIPT], capture_output=True, text=True,
                         timeout=120, cwd=REPO)
   assert proc.returncode == 0, proc.stderr
-  assert proc.stdout.strip() == ("[('streaming_short', 'none', 1.0, 3000), ('streaming', 'yarn', "
-                                 "4.0, 7), ('dp_short', 'none', 1.0, 3000), ('dp', 'yarn', 4.0, 7)]")
+  assert proc.stdout.strip() == ("[('streaming_short', 'none', 1.0, 2250), ('streaming', 'yarn', "
+                                 "4.0, 7), ('dp_short', 'none', 1.0, 2250), ('dp', 'yarn', 4.0, 7)]")
   # An unknown key, a value of the wrong type or a config the long stage rejects: exit 2 with
   # one sentence, before anything trains (nothing is written under --out). Any text will do:
   # nothing reads it.
