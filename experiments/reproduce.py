@@ -765,14 +765,13 @@ def _budget_report(rows, save, plt):
           ("η", lambda r: f"{r['run'].outer_lr:g}" if r["run"].outer_lr else "—"),
           ("seeds", lambda r: str(r["n"])), *_COMMON, ("vs DP", lambda r: _rel(rows, r)),
           ("vs DP, paired by seed", lambda r: _paired(rows, r))]
-  dp = {r["keys"]["M"]: r for r in rows
-        if r["keys"]["method"] == "DP" and "batch" not in r["keys"]}
   lines = []
   for H in sorted({r["keys"]["H"] for r in rows if r["keys"]["method"] == "SD"}):
     sd = [r for r in rows if r["keys"] == dict(method="SD", H=H, M=2, delay="τ=1")]
-    if not sd or 2 not in dp:
+    dp = _dp_beside(rows, sd[0]) if sd else []
+    if not dp:
       continue
-    gap = 100 * (sd[0]["loss"] / dp[2]["loss"] - 1)
+    gap = 100 * (sd[0]["loss"] / dp[0]["loss"] - 1)
     lines.append(f"- Streaming DiLoCo H={H}, M=2, within +2 % of data-parallel: "
                  f"{'met' if gap <= 2 else '**not met**'} ({gap:+.2f} % of the means; "
                  f"paired by seed {_paired(rows, sd[0])})")
@@ -845,19 +844,17 @@ def _gap_over_training(rows) -> str:
 def _at_twice_the_batch(rows) -> str:
   """The 2×-batch cells against the budget's, seed 0 in both (the only seed the 2× cells have):
   Streaming DiLoCo's gap to data-parallel at each batch."""
-  def seed0(method, batch):
-    got = [r for r in rows if r["keys"]["method"] == method and r["keys"]["M"] == 2
-           and r["keys"].get("delay", "") in ("", "τ=1") and r["keys"].get("batch") == batch
-           and (method == "DP" or r["keys"]["H"] == h)]
-    return got[0]["seed_loss"].get(0) if got else None
   twice = [r for r in rows if r["keys"].get("batch") and r["keys"]["method"] == "SD"]
   if not twice:
     return ""
   h, b2 = twice[0]["keys"]["H"], twice[0]["keys"]["batch"]
   gaps = {}
-  for batch in (None, b2):
-    sd, dp = seed0("SD", batch), seed0("DP", batch)
-    gaps[batch] = f"{100 * (sd / dp - 1):+.2f} %" if sd and dp else "not run yet"
+  for batch, sd in ((None, [r for r in rows
+                            if r["keys"] == dict(method="SD", H=h, M=2, delay="τ=1")]),
+                    (b2, twice)):
+    dp = _dp_beside(rows, sd[0]) if sd else []
+    s, d = (sd[0]["seed_loss"].get(0), dp[0]["seed_loss"].get(0)) if dp else (None, None)
+    gaps[batch] = f"{100 * (s / d - 1):+.2f} %" if s and d else "not run yet"
   return ("## At twice the batch\n\nThe same bytes (to 0.05 %) in half the steps, every batch "
           f"doubled ({b2} windows per step in all; each Streaming DiLoCo worker at the batch "
           f"data-parallel averages at the budget's). Streaming DiLoCo H={h} over data-parallel, "
