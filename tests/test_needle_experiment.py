@@ -68,19 +68,20 @@ def test_report_with_no_evaluated_run_says_so_and_writes_nothing(tmp_path):
 
 def test_long_set_overrides_the_long_stages_only_and_bad_items_stop_first(tmp_path):
   # make_config in its own process (the script's absl flags): the overrides reach `streaming`
-  # and `dp`, never their short stages.
+  # and `dp`, never their short stages (the config's long stage is YaRN ×4: linear ×2 shows).
   code = ("import importlib.util, sys; s = importlib.util.spec_from_file_location('n', sys.argv[1]);"
           " m = importlib.util.module_from_spec(s); s.loader.exec_module(m);"
-          " sets = ['model.rope_scaling=yarn', 'model.rope_scaling_factor=4',"
-          " 'model.rope_original_length=320', 'train.num_steps=7'];"
+          " sets = ['model.rope_scaling=linear', 'model.rope_scaling_factor=2',"
+          " 'train.num_steps=7'];"
           " print([(n, m.make_config(n, 'x', 0, 'o', sets).model.rope_scaling,"
           " m.make_config(n, 'x', 0, 'o', sets).model.rope_scaling_factor,"
           " m.make_config(n, 'x', 0, 'o', sets).train.num_steps) for n in m.RUNS])")
   proc = subprocess.run([sys.executable, "-c", code, SCRIPT], capture_output=True, text=True,
                         timeout=120, cwd=REPO)
   assert proc.returncode == 0, proc.stderr
-  assert proc.stdout.strip() == ("[('streaming_short', 'none', 1.0, 2250), ('streaming', 'yarn', "
-                                 "4.0, 7), ('dp_short', 'none', 1.0, 2250), ('dp', 'yarn', 4.0, 7)]")
+  assert proc.stdout.strip() == ("[('streaming_short', 'none', 1.0, 2250), ('streaming', "
+                                 "'linear', 2.0, 7), ('dp_short', 'none', 1.0, 2250), ('dp', "
+                                 "'linear', 2.0, 7)]")
   # An unknown key, a value of the wrong type or a config the long stage rejects: exit 2 with
   # one sentence, before anything trains (nothing is written under --out). Any text will do:
   # nothing reads it.
@@ -88,7 +89,7 @@ def test_long_set_overrides_the_long_stages_only_and_bad_items_stop_first(tmp_pa
   text.write_text("Some text. " * 100, encoding="utf-8")
   for item, says in (("model.bogus=1", "'model.bogus' is not a config key"),
                      ("model.rope_scaling_factor=abc", "has the wrong type"),
-                     ("model.rope_scaling=yarn", "model.rope_original_length must be")):
+                     ("model.rope_original_length=0", "model.rope_original_length must be")):
     proc = subprocess.run([sys.executable, SCRIPT, f"--out={tmp_path / 'out'}", "--archive=",
                            f"--data={text}", "--only=streaming", f"--long_set={item}"],
                           capture_output=True, text=True, timeout=120)
@@ -128,10 +129,10 @@ def test_the_recipe_trains_short_then_continues_long_with_blockwise_attention(tm
   (tmp_path / "text.txt").write_text(text, encoding="utf-8")
   glob = str(tmp_path / "text.txt")
   short = train.run(_long_context("short", glob, 3), str(tmp_path / "short"))
-  long_cfg = _long_context("long", glob, 3, {
-      "train.init_from": str(tmp_path / "short"), "model.rope_scaling": "yarn",
-      "model.rope_scaling_factor": 4.0, "model.rope_original_length": 320})
+  long_cfg = _long_context("long", glob, 3, {"train.init_from": str(tmp_path / "short")})
   assert (long_cfg.model.attention, long_cfg.data.seq_len) == ("blockwise", 1280)
+  m = long_cfg.model
+  assert (m.rope_scaling, m.rope_scaling_factor, m.rope_original_length) == ("yarn", 4.0, 320)
   long = train.run(long_cfg, str(tmp_path / "long"))
   assert np.isfinite(short["final_eval_loss"]) and np.isfinite(long["final_eval_loss"])
   assert long["num_steps"] == 3
