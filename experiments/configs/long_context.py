@@ -66,7 +66,9 @@ def get_config(arg: str = "short"):
   # loss below 1 nat at step ~1750; data-parallel, averaging 16, at ~950) and ended at the edge
   # (0.10 nats; float-level differences decided whether it retrieved: 0.97 at 256 bytes on
   # 2026-12-03, 0.85 on 2026-12-07). The same minutes as 16 per worker for 2250 steps: 0.035
-  # nats at the end, recall 0.98 at 320 bytes, 4 keys 0.64 (docs/long_context.md).
+  # nats at the end, recall 0.98 at 320 bytes, 4 keys 0.64 on one machine; 0.37 nats and 0.24
+  # on another, same seed: still at the edge (outer lr 0.8 is the candidate fix,
+  # docs/long_context.md).
   c.train.batch_size = 16
   c.train.num_steps = 2250
   c.train.learning_rate = 2e-3
