@@ -130,7 +130,8 @@ def summarize(wd: str) -> dict | None:
           "crossings": {t: first_below(rows, t) for t in ANSWER_NATS},
           "answer_loss": sum(answer) / len(answer) if answer else None,
           "recall": recall, "held_out": summary["final_eval_loss"],
-          "minutes": summary["wall_time_s"] / 60}
+          "minutes": summary["wall_time_s"] / 60,
+          "isa": summary.get("host", {}).get("vector_isa")}   # absent in older runs
 
 
 def _f(x, fmt: str) -> str:
@@ -158,10 +159,12 @@ def write_report(out: str, docs: str) -> list[str]:
       "the loss of the weighted answer bytes (chance ln 10 = 2.303 nats); 'below x at' is the "
       "first logged step whose mean over 3 logs is below x. Learnt to copy: single-needle "
       f"recall ≥ {COPY_RECALL:g} at {last} bytes. Runs of one seed on different machines need "
-      "not agree to the bit (docs/long_context.md).", "",
+      "not agree to the bit (docs/long_context.md); the CPU column is the widest vector "
+      "extension of the machine that trained the run, from its summary.json (– where the "
+      "trainer did not record it yet).", "",
       "| run | η | seed | answer loss below 1.0 / 0.3 at | answer loss, last 5 logs | "
-      f"single {' / '.join(map(str, LENGTHS))} | 4 keys {last} | held-out loss | minutes |",
-      "|---|---|---|---|---|---|---|---|---|"]
+      f"single {' / '.join(map(str, LENGTHS))} | 4 keys {last} | held-out loss | minutes | CPU |",
+      "|---|---|---|---|---|---|---|---|---|---|"]
   for name, s in runs.items():
     r = s["recall"] or {}
     single = " / ".join(_f(r.get("single", {}).get(x), ".2f") for x in LENGTHS)
@@ -170,7 +173,7 @@ def write_report(out: str, docs: str) -> list[str]:
         f"{' / '.join(_f(s['crossings'][t], 'd') for t in ANSWER_NATS)} | "
         f"{_f(s['answer_loss'], '.3f')} | {single} | "
         f"{_f(r.get('multikey', {}).get(last), '.2f')} | {s['held_out']:.4f} | "
-        f"{s['minutes']:.1f} |")
+        f"{s['minutes']:.1f} | {s['isa'] or '–'} |")
   lines += ["", f"Per η (evaluated runs only; recall at {last} bytes):", "",
             "| η | runs | learnt to copy | mean single | mean 4 keys | mean answer loss | "
             "mean held-out loss |", "|---|---|---|---|---|---|---|"]

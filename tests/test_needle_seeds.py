@@ -20,13 +20,15 @@ def _run(*args):
                         timeout=120, cwd=REPO)
 
 
-def _fake_run(root, name, eta, seed, answer, single, multikey, held_out, wall_s):
+def _fake_run(root, name, eta, seed, answer, single, multikey, held_out, wall_s, host=None):
   """A finished run's small files: answer losses logged every 50 steps from step 50."""
   wd = root / name
   (wd / "needle_short").mkdir(parents=True)
   (wd / "config.json").write_text(json.dumps({"seed": seed, "diloco": {"outer_lr": eta}}))
-  (wd / "summary.json").write_text(json.dumps({"final_eval_loss": held_out,
-                                               "wall_time_s": wall_s}))
+  summary = {"final_eval_loss": held_out, "wall_time_s": wall_s}
+  if host:
+    summary["host"] = host
+  (wd / "summary.json").write_text(json.dumps(summary))
   rows = [{"step": 50 * (i + 1), "train_loss": 1.0, "ce_upweighted": a}
           for i, a in enumerate(answer)]
   rows.insert(2, {"step": 100, "eval_loss": 2.0})   # an eval row without the answer loss
@@ -44,7 +46,7 @@ def test_report_from_the_archive(tmp_path):
             (0.5, 0.25), (0.2, 0.1), 1.5, 600.0)
   # η=0.8 seed 0: means 0.9 (step 150), 0.5, 0.2 (step 250).
   _fake_run(arch, "streaming_short_eta08_s0", 0.8, 0, [1.2, 1.0, 0.5, 0.0, 0.1, 0.1],
-            (1.0, 0.95), (0.7, 0.6), 1.25, 1200.0)
+            (1.0, 0.95), (0.7, 0.6), 1.25, 1200.0, {"cpu": "x", "vector_isa": "avx512f"})
   _fake_run(arch, "streaming_short_eta08_s1", 0.8, 1, [2.3, 2.3, 2.3, 2.3, 2.3, 2.3],
             (0.0, 0.05), (0.0, 0.0), 1.75, 900.0)
   out, docs = tmp_path / "out", tmp_path / "docs"
@@ -55,11 +57,11 @@ def test_report_from_the_archive(tmp_path):
   report = (docs / "needle_seeds.md").read_text()
   # Answer loss of the last 5 logs: (1.9+1.8+0.5+0.4+0.5)/5 = 1.02; (1.0+0.5+0+0.1+0.1)/5 = 0.34.
   assert ("| streaming_short_eta04_s0 | 0.4 | 0 | 250 / – | 1.020 | 0.50 / 0.25 | 0.10 | "
-          "1.5000 | 10.0 |") in report
+          "1.5000 | 10.0 | – |") in report
   assert ("| streaming_short_eta08_s0 | 0.8 | 0 | 150 / 250 | 0.340 | 1.00 / 0.95 | 0.60 | "
-          "1.2500 | 20.0 |") in report
+          "1.2500 | 20.0 | avx512f |") in report
   assert ("| streaming_short_eta08_s1 | 0.8 | 1 | – / – | 2.300 | 0.00 / 0.05 | 0.00 | "
-          "1.7500 | 15.0 |") in report
+          "1.7500 | 15.0 | – |") in report
   # Per η: learnt to copy = single recall ≥ 0.9 at 320 bytes; means over the η's runs.
   assert "| 0.4 | 1 | 0 of 1 | 0.25 | 0.10 | 1.020 | 1.5000 |" in report
   assert "| 0.8 | 2 | 1 of 2 | 0.50 | 0.30 | 1.320 | 1.5000 |" in report

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from diloco_jax import checkpoint, fragments, train
+from diloco_jax import checkpoint, fragments, host, train
 from diloco_jax import config as config_lib
 from diloco_jax import model as model_lib
 from tests import overrides as overrides_lib
@@ -59,7 +59,9 @@ def test_tiny_run_learns_and_writes_its_outputs(tmp_path):
               "tokens_per_s"):
     assert key in summary
   with open(os.path.join(wd, "summary.json")) as f:
-    assert json.load(f)["final_eval_loss"] == summary["final_eval_loss"]
+    saved = json.load(f)
+  assert saved["final_eval_loss"] == summary["final_eval_loss"]
+  assert saved["host"] == host.describe()   # the machine, so bit-level comparisons can check it
   # DiLoCo at M=2 sends one fp32 payload per worker every H=5 steps.
   n = summary["num_params"]
   assert rows[-1]["bits_sent_per_worker"] == 8 * n * 32
