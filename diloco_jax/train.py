@@ -18,6 +18,7 @@ import ml_collections
 import numpy as np
 
 from diloco_jax import build, checkpoint, data, distributed
+from diloco_jax import host as host_lib
 from diloco_jax import preemption as preemption_lib
 from diloco_jax import config as config_lib
 from diloco_jax import mesh as mesh_lib
@@ -362,6 +363,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, stop_after: int | None 
       "num_params": numel,
       "active_params": model_lib.param_counts(rc.model)[1],
       "active_flops_per_token": model_lib.flops_per_token(rc.model, L),
+      "host": host_lib.describe(),   # which runs can agree to the bit (diloco_jax/host.py)
   }
   ckpt.close()
   train_it.close()
