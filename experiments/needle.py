@@ -239,7 +239,8 @@ def write_report(out: str, docs: str) -> list[str]:
       f"workers × {short.train.batch_size} / {cfg.train.batch_size} windows per step. "
       f"Streaming DiLoCo: H={cfg.diloco.inner_steps}, τ={cfg.diloco.overlap_steps}, "
       f"α={cfg.diloco.merge_alpha:g}, {cfg.diloco.codec}, outer lr η "
-      f"{short.diloco.outer_lr:g} / {cfg.diloco.outer_lr:g} (short / long); data-parallel: the same batches averaged every step. Wall "
+      f"{short.diloco.outer_lr:g} / {cfg.diloco.outer_lr:g} (short / long); data-parallel: "
+      "the same batches averaged every step. Wall "
       "times: " + ", ".join(f"{n} {w / 60:.1f} min (both stages, compilation and "
       "in-training evals included)" for n, w in walls.items() if w) + ".", "",
       "Evaluation (SPEC §6.3, Gemini's protocol with RULER's variants): haystacks from the "
